@@ -1,0 +1,64 @@
+"""Shared fixtures: small real data (pbmc68k_reduced as counts) and tiny hand-made h5ad files."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+# A handful of real symbols with known positions, reused by hand-made datasets.
+SYMBOLS = ["CD3E", "MS4A1", "CD14", "LYZ", "XIST", "GAPDH", "ACTB", "NKG7", "CD8A", "FCGR3A", "PTPRC", "CD19"]
+
+
+@pytest.fixture(autouse=True)
+def _propagate_tokbench_logs():
+    # The CLI configures handlers; in tests records must reach caplog.
+    logging.getLogger("tokbench").propagate = True
+    yield
+
+
+@pytest.fixture(scope="session")
+def pbmc_counts() -> ad.AnnData:
+    """scanpy's pbmc68k_reduced (700 cells, 765 genes) with integer counts recovered."""
+    import scanpy as sc
+
+    pbmc = sc.datasets.pbmc68k_reduced()
+    raw = pbmc.raw.X.toarray() if sp.issparse(pbmc.raw.X) else np.asarray(pbmc.raw.X)
+    counts = np.round(np.expm1(raw) * pbmc.obs["n_counts"].to_numpy()[:, None] / 1e4).astype(np.float32)
+    obs = pbmc.obs[["bulk_labels", "phase"]].copy()
+    # A deterministic three-way split column, as a "predefined" split would carry.
+    obs["split"] = pd.Categorical(np.array(["train", "train", "train", "val", "test"])[np.arange(len(obs)) % 5])
+    return ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=pbmc.raw.var_names.astype(str)))
+
+
+@pytest.fixture
+def pbmc_h5ad(pbmc_counts, tmp_path) -> Path:
+    path = tmp_path / "pbmc.h5ad"
+    pbmc_counts.write_h5ad(path)
+    return path
+
+
+def tiny_adata(n_cells: int = 60, seed: int = 0) -> ad.AnnData:
+    """Counts for 12 real genes, 3 cell types with marker genes, 3 tissues."""
+    rng = np.random.default_rng(seed)
+    types = np.array(["B cell", "T cell", "monocyte"])[np.arange(n_cells) % 3]
+    tissues = np.array(["blood", "lung", "gut"])[(np.arange(n_cells) // 3) % 3]
+    rate = np.full((n_cells, len(SYMBOLS)), 2.0)
+    rate[types == "T cell", 0] = 30
+    rate[types == "B cell", 1] = 30
+    rate[types == "monocyte", 2] = 30
+    counts = rng.poisson(rate).astype(np.float32)
+    obs = pd.DataFrame({"cell_type": types, "tissue": tissues}, index=[f"cell{i}" for i in range(n_cells)])
+    return ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=SYMBOLS))
+
+
+@pytest.fixture
+def tiny_h5ad(tmp_path) -> Path:
+    path = tmp_path / "tiny.h5ad"
+    tiny_adata().write_h5ad(path)
+    return path

@@ -1,0 +1,133 @@
+"""The ``tokbench`` command: ``data``, ``tokenizers`` (and, as they land, ``train``/``sweep``/``report``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from tokbench.errors import TokbenchError
+
+
+def _data_synth(args: argparse.Namespace) -> None:
+    from tokbench.data.synth import write_atlas
+
+    summary = write_atlas(
+        args.out,
+        n_cells=args.n_cells,
+        n_genes=args.n_genes,
+        n_tissues=args.n_tissues,
+        n_cell_types=args.n_cell_types,
+        seed=args.seed,
+    )
+    print(json.dumps(summary, indent=1, default=str))
+
+
+def _data_inspect(args: argparse.Namespace) -> None:
+    from tokbench.data.inspect import inspect_h5ad
+
+    print(
+        inspect_h5ad(
+            args.file, label_key=args.label_key, split_key=args.split_key, layer=args.layer, gene_key=args.gene_key
+        )
+    )
+
+
+def _data_prepare(args: argparse.Namespace) -> None:
+    from tokbench.data.config import DatasetConfig, SplitConfig
+    from tokbench.data.prepare import prepare_dataset
+
+    dataset = DatasetConfig(
+        path=str(args.file),
+        layer=args.layer,
+        gene_key=args.gene_key,
+        label_key=args.label_key,
+        n_top_genes=args.n_top_genes,
+        cache_dir=args.cache_dir or "",
+    )
+    split = SplitConfig(
+        kind=args.split,
+        key=args.split_key,
+        train=args.train or [],
+        val=args.val or [],
+        test=args.test or [],
+    )
+    data = prepare_dataset(dataset, split, rebuild=args.rebuild)
+    meta = data.meta
+    print(f"cache     {data.path}")
+    print(f"cells     {data.n_cells:,}  genes {data.n_genes:,}  nonzero {meta['nnz']:,}")
+    print(f"splits    {meta['splits']['cells']}")
+    print(f"classes   {len(data.class_names)}: {', '.join(data.class_names)}")
+
+
+def _tokenizers(args: argparse.Namespace) -> None:
+    from tokbench.tokenizers import catalogue
+
+    print(catalogue())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``tokbench`` command."""
+    parser = argparse.ArgumentParser(prog="tokbench", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="generate, inspect and prepare datasets").add_subparsers(
+        dest="data_command", required=True
+    )
+    synth = data.add_parser("synth", help="write the synthetic cross-tissue atlas (.h5ad) and its gene embeddings")
+    synth.add_argument("--out", type=Path, required=True, help="output .h5ad path")
+    synth.add_argument("--n-cells", type=int, default=6000)
+    synth.add_argument("--n-genes", type=int, default=2000)
+    synth.add_argument("--n-tissues", type=int, default=4)
+    synth.add_argument("--n-cell-types", type=int, default=8)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=_data_synth)
+
+    def data_options(p: argparse.ArgumentParser, split_key_default: str | None) -> None:
+        p.add_argument("file", type=Path, help=".h5ad file")
+        p.add_argument("--label-key", default="cell_type", help="obs column with cell-type labels")
+        p.add_argument("--split-key", default=split_key_default, help="obs column with the split or tissue")
+        p.add_argument("--layer", default=None, help="layer with raw counts (default: X)")
+        p.add_argument("--gene-key", default=None, help="var column with gene ids (default: var_names)")
+
+    inspect = data.add_parser("inspect", help="cells, genes, sparsity, labels per split, problems")
+    data_options(inspect, None)
+    inspect.set_defaults(func=_data_inspect)
+
+    prepare = data.add_parser("prepare", help="preprocess into the memory-mapped cache")
+    data_options(prepare, "tissue")
+    prepare.add_argument("--split", default="cross_tissue", choices=["predefined", "cross_tissue", "random"])
+    prepare.add_argument("--train", nargs="+", help="split-key values to train on")
+    prepare.add_argument("--val", nargs="+", help="split-key values to validate on")
+    prepare.add_argument("--test", nargs="+", help="split-key values to test on")
+    prepare.add_argument("--n-top-genes", type=int, default=None)
+    prepare.add_argument("--cache-dir", default=None, help="default: $TOKBENCH_CACHE or ~/.cache/tokbench")
+    prepare.add_argument("--rebuild", action="store_true")
+    prepare.set_defaults(func=_data_prepare)
+
+    tokenizers = commands.add_parser("tokenizers", help="the catalogue of Fg, Fe, Fc parts and presets")
+    tokenizers.set_defaults(func=_tokenizers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; user errors print one line and exit 2."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        args.func(args)
+    except TokbenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Typed configuration of training: optimiser, learning-rate schedule, trainer, baseline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from tokbench.errors import TokbenchError
+from tokbench.model.config import check_choice, check_range
+
+SCHEDULERS = ("cosine", "constant")
+TRACK_METRICS = ("mcc", "accuracy", "macro_f1")
+AMP_MODES = ("auto", "bf16", "off")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW. ``lr`` is the peak learning rate reached after warm-up; ``weight_decay`` is
+    decoupled and applies to matrices and embeddings only (not to biases or LayerNorm)."""
+
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule over ``max_epochs x steps_per_epoch`` optimiser steps.
+
+    Both schedules warm up linearly over the first ``warmup_ratio`` of those steps;
+    ``cosine`` then decays to ``min_lr_ratio * lr``, ``constant`` stays at ``lr``.
+    """
+
+    name: str = "cosine"
+    warmup_ratio: float = 0.1
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    """How one annotation run is trained and evaluated.
+
+    ``batch_size`` / ``eval_batch_size`` are in cells (``eval_batch_size`` None = 4 x
+    ``batch_size``). Each epoch trains on the training split, then scores validation; with
+    ``early_stopping`` the run stops once ``track_metric`` (on validation) has not improved
+    by more than ``min_delta`` for ``patience`` epochs. ``grad_clip`` is the maximum global
+    gradient L2 norm (0 = no clipping). ``bucket_by_length`` sorts each chunk of
+    ``bucket_batches`` shuffled batches by the cells' number of expressed genes, so batches
+    hold sentences of similar length and carry less padding. ``num_workers`` > 0 tokenises on
+    the CPU in DataLoader workers (pinned memory, non-blocking copies); 0 tokenises on the
+    training device in the main process. ``device``: ``auto`` (CUDA when available, else
+    CPU), ``cpu``, ``cuda``, ``cuda:1``, ... ``amp``: ``auto`` = bf16 autocast on a CUDA
+    device that supports it, ``bf16`` = require it, ``off`` = float32.
+    """
+
+    batch_size: int = 32
+    eval_batch_size: Optional[int] = None
+    max_epochs: int = 50
+    early_stopping: bool = True
+    patience: int = 5
+    min_delta: float = 0.0
+    track_metric: str = "mcc"
+    grad_clip: float = 1.0
+    bucket_by_length: bool = False
+    bucket_batches: int = 50
+    num_workers: int = 0
+    device: str = "auto"
+    seed: int = 0
+    amp: str = "auto"
+
+
+@dataclass
+class BaselineConfig:
+    """Multinomial logistic regression on the log-normalised expression (all genes).
+
+    Trained with Adam on mini-batches of ``batch_size`` cells at learning rate ``lr``; the
+    loss is the mean cross-entropy plus ``l2 / 2 * ||W||^2`` (bias not penalised). Early
+    stopping on validation ``track_metric`` works as in ``TrainerConfig``.
+    """
+
+    l2: float = 1e-4
+    lr: float = 1e-2
+    batch_size: int = 256
+    eval_batch_size: Optional[int] = None
+    max_epochs: int = 100
+    early_stopping: bool = True
+    patience: int = 5
+    min_delta: float = 0.0
+    track_metric: str = "mcc"
+    device: str = "auto"
+    seed: int = 0
+
+
+def _check_device(value: str, key: str) -> None:
+    if value == "auto":
+        return
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError) as err:
+        raise TokbenchError(f"{key}: {value!r} is not a torch device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from err
+
+
+def _check_stopping(cfg, key: str) -> None:
+    check_range(cfg.batch_size, f"{key}.batch_size", low=1, integer=True)
+    if cfg.eval_batch_size is not None:
+        check_range(cfg.eval_batch_size, f"{key}.eval_batch_size", low=1, integer=True)
+    check_range(cfg.max_epochs, f"{key}.max_epochs", low=1, integer=True)
+    check_range(cfg.patience, f"{key}.patience", low=1, integer=True)
+    check_range(cfg.min_delta, f"{key}.min_delta", low=0.0)
+    check_choice(cfg.track_metric, TRACK_METRICS, f"{key}.track_metric")
+    _check_device(cfg.device, f"{key}.device")
+    check_range(cfg.seed, f"{key}.seed", low=0, integer=True)
+
+
+def validate_optimizer_config(cfg: OptimizerConfig, key: str = "optimizer") -> None:
+    """Check an ``OptimizerConfig``; raise ``TokbenchError`` naming the key path."""
+    check_range(cfg.lr, f"{key}.lr", low=0.0, low_open=True)
+    check_range(cfg.weight_decay, f"{key}.weight_decay", low=0.0)
+    if len(cfg.betas) != 2:
+        raise TokbenchError(f"{key}.betas: expected two numbers [beta1, beta2], got {list(cfg.betas)!r}")
+    for i, beta in enumerate(cfg.betas):
+        check_range(beta, f"{key}.betas[{i}]", low=0.0, high=1.0, high_open=True)
+    check_range(cfg.eps, f"{key}.eps", low=0.0, low_open=True)
+
+
+def validate_scheduler_config(cfg: SchedulerConfig, key: str = "scheduler") -> None:
+    """Check a ``SchedulerConfig``; raise ``TokbenchError`` naming the key path."""
+    check_choice(cfg.name, SCHEDULERS, f"{key}.name")
+    check_range(cfg.warmup_ratio, f"{key}.warmup_ratio", low=0.0, high=1.0, high_open=True)
+    check_range(cfg.min_lr_ratio, f"{key}.min_lr_ratio", low=0.0, high=1.0)
+
+
+def validate_trainer_config(cfg: TrainerConfig, key: str = "trainer") -> None:
+    """Check a ``TrainerConfig``; raise ``TokbenchError`` naming the key path."""
+    _check_stopping(cfg, key)
+    check_range(cfg.grad_clip, f"{key}.grad_clip", low=0.0)
+    check_range(cfg.bucket_batches, f"{key}.bucket_batches", low=1, integer=True)
+    check_range(cfg.num_workers, f"{key}.num_workers", low=0, integer=True)
+    check_choice(cfg.amp, AMP_MODES, f"{key}.amp")
+
+
+def validate_baseline_config(cfg: BaselineConfig, key: str = "baseline") -> None:
+    """Check a ``BaselineConfig``; raise ``TokbenchError`` naming the key path."""
+    _check_stopping(cfg, key)
+    check_range(cfg.lr, f"{key}.lr", low=0.0, low_open=True)
+    check_range(cfg.l2, f"{key}.l2", low=0.0)
+
+
+def resolve_device(spec: str | torch.device) -> torch.device:
+    """The torch device for a config value: ``auto`` = ``cuda`` when available, else ``cpu``."""
+    if isinstance(spec, torch.device):
+        return spec
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TokbenchError(f"trainer.device: {spec!r} was asked for but no CUDA device is visible; use 'auto' or 'cpu'")
+    return device
+
+
+def resolve_amp(amp: str, device: torch.device) -> bool:
+    """Whether to run the forward pass under bf16 autocast (CUDA only)."""
+    if amp == "off":
+        return False
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if amp == "bf16" and not cuda_bf16:
+        raise TokbenchError(
+            f"trainer.amp: 'bf16' needs a CUDA device with bf16 support, but training runs on {device}; use 'auto' or 'off'"
+        )
+    return cuda_bf16

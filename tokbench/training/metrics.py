@@ -1,0 +1,158 @@
+"""Annotation metrics (torchmetrics) and the confusion-matrix report files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassMatthewsCorrCoef,
+)
+
+
+class AnnotationMetrics:
+    """Accumulates predictions of one split and computes the annotation metrics.
+
+    ``accuracy`` is micro-averaged (fraction of cells right); ``macro_f1`` averages F1 over
+    classes that occur in the targets or the predictions (absent classes are ignored, which
+    matters for a cross-tissue test split lacking some types); ``mcc`` is the multiclass
+    Matthews correlation; ``confusion_matrix`` counts cells, rows = true class, columns =
+    predicted class, in class-id order; ``per_class_accuracy`` is its diagonal over its row
+    sums (recall; NaN for classes with no cell in the split).
+    """
+
+    def __init__(self, n_classes: int, device: torch.device | str = "cpu"):
+        self.n_classes = n_classes
+        # validate_args=False: the checks read values back from the device on every update.
+        kw = dict(num_classes=n_classes, validate_args=False)
+        self.accuracy = MulticlassAccuracy(average="micro", **kw).to(device)
+        self.macro_f1 = MulticlassF1Score(average="macro", **kw).to(device)
+        self.mcc = MulticlassMatthewsCorrCoef(**kw).to(device)
+        self.confusion = MulticlassConfusionMatrix(**kw).to(device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.n_cells = 0
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """Add one batch: ``logits`` float (B, n_classes), ``target`` int64 (B,) class ids."""
+        logits = logits.float()
+        self.loss_sum += torch.nn.functional.cross_entropy(logits, target, reduction="sum").double()
+        self.n_cells += len(target)
+        preds = logits.argmax(dim=-1)
+        for metric in (self.accuracy, self.macro_f1, self.mcc, self.confusion):
+            metric.update(preds, target)
+
+    def compute(self) -> dict:
+        """``accuracy``, ``macro_f1``, ``mcc``, ``loss`` (mean cross-entropy, nats) as floats;
+        ``confusion_matrix`` (int64 numpy, n x n); ``per_class_accuracy`` (float64 numpy, n);
+        ``n_cells``."""
+        confusion = self.confusion.compute().cpu().numpy().astype(np.int64)
+        support = confusion.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_class = np.where(support > 0, np.diag(confusion) / support, np.nan)
+        return {
+            "accuracy": float(self.accuracy.compute()),
+            "macro_f1": float(self.macro_f1.compute()),
+            "mcc": float(self.mcc.compute()),
+            "loss": float(self.loss_sum) / max(self.n_cells, 1),
+            "confusion_matrix": confusion,
+            "per_class_accuracy": per_class,
+            "n_cells": self.n_cells,
+        }
+
+
+def _atomic_write_bytes(path: Path, payload: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_bytes(payload)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def plot_confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], path: str | Path,
+                          normalize: bool = True, title: str = "") -> Path:
+    """Render a confusion matrix to a PNG with class names on both axes.
+
+    Rows are true classes, columns predicted ones. With ``normalize`` each row is divided by
+    its cell count (rows without cells stay blank) and the colour scale runs 0..1; the cell
+    counts are printed in the squares when the matrix is small enough to read them.
+    Uses the Agg canvas directly, so no GUI backend and no pyplot global state are touched.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    confusion = np.asarray(confusion)
+    n = len(class_names)
+    shown = confusion.astype(np.float64)
+    if normalize:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            shown = shown / shown.sum(axis=1, keepdims=True)
+    side = max(4.0, 0.45 * n + 2.5)
+    fig = Figure(figsize=(side + 1.0, side), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class" if normalize else "cells")
+    ax.set_xticks(range(n), labels=list(class_names), rotation=90, fontsize=8)
+    ax.set_yticks(range(n), labels=list(class_names), fontsize=8)
+    ax.set_xlabel("predicted cell type")
+    ax.set_ylabel("true cell type")
+    if title:
+        ax.set_title(title)
+    if n <= 25:
+        for i in range(n):
+            for j in range(n):
+                if confusion[i, j]:
+                    dark = normalize and shown[i, j] > 0.5
+                    ax.text(j, i, str(int(confusion[i, j])), ha="center", va="center", fontsize=7,
+                            color="white" if dark else "black")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    path = Path(path)
+    _atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def write_confusion_report(result: dict, out_dir: str | Path, prefix: str = "test") -> dict[str, Path]:
+    """Write ``<prefix>_confusion_matrix.csv``, ``<prefix>_per_class.csv`` and
+    ``<prefix>_confusion_matrix.png`` into ``out_dir`` from a ``test()`` result.
+
+    ``result`` needs ``class_names`` and ``<prefix>_confusion_matrix``. The per-class CSV has
+    one row per class: name, cells (support), correctly annotated cells, accuracy (empty
+    where the class has no cell). Returns the written paths by kind.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = list(result["class_names"])
+    confusion = np.asarray(result[f"{prefix}_confusion_matrix"])
+
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["true \\ predicted", *names])
+    for name, row in zip(names, confusion):
+        writer.writerow([name, *map(int, row)])
+    matrix_csv = out_dir / f"{prefix}_confusion_matrix.csv"
+    _atomic_write_bytes(matrix_csv, table.getvalue().encode())
+
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["cell_type", "cells", "correct", "accuracy"])
+    for i, name in enumerate(names):
+        support, correct = int(confusion[i].sum()), int(confusion[i, i])
+        writer.writerow([name, support, correct, f"{correct / support:.6f}" if support else ""])
+    per_class_csv = out_dir / f"{prefix}_per_class.csv"
+    _atomic_write_bytes(per_class_csv, table.getvalue().encode())
+
+    png = plot_confusion_matrix(confusion, names, out_dir / f"{prefix}_confusion_matrix.png",
+                                title=f"{prefix} (rows: true, normalised)")
+    return {"confusion_csv": matrix_csv, "per_class_csv": per_class_csv, "confusion_png": png}
