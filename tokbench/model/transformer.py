@@ -120,7 +120,10 @@ class TransformerEncoder(nn.Module):
 
 
 def pool(hidden: torch.Tensor, padding_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """One vector per cell from hidden states (B, T, d): position 0 (``cls``) or the mean over non-pad positions (``mean``)."""
+    """One vector per cell from hidden states (B, T, d) → (B, d).
+
+    ``cls``: position 0. ``mean``: the mean over non-pad positions (CLS included).
+    """
     if pooling == "cls":
         return hidden[:, 0]
     keep = (~padding_mask).unsqueeze(-1).to(hidden.dtype)

@@ -157,7 +157,9 @@ def resolve_device(spec: str | torch.device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise TokbenchError(f"trainer.device: {spec!r} was asked for but no CUDA device is visible; use 'auto' or 'cpu'")
+        raise TokbenchError(
+            f"trainer.device: {spec!r} was asked for but no CUDA device is visible; use 'auto' or 'cpu'"
+        )
     return device
 
 
@@ -168,6 +170,7 @@ def resolve_amp(amp: str, device: torch.device) -> bool:
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if amp == "bf16" and not cuda_bf16:
         raise TokbenchError(
-            f"trainer.amp: 'bf16' needs a CUDA device with bf16 support, but training runs on {device}; use 'auto' or 'off'"
+            f"trainer.amp: 'bf16' needs a CUDA device with bf16 support, but training runs on {device}; "
+            f"use 'auto' or 'off'"
         )
     return cuda_bf16

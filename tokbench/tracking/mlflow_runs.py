@@ -1,0 +1,154 @@
+"""One MLflow run per training run, written through ``MlflowClient`` (no global active run),
+so a sweep driver can keep many runs open at once."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from tokbench.errors import TokbenchError
+
+# MLflow refuses param values longer than this.
+_MAX_PARAM = 6000
+
+
+def resolve_tracking_uri(uri: str | None, base_dir: str | Path | None = None) -> str:
+    """An absolute, reachable tracking URI.
+
+    ``""``/None → ``sqlite:///<base_dir or cwd>/mlflow.db``; a relative SQLite path is made
+    absolute against ``base_dir`` (trials run in their own working directories); an
+    ``http(s)://`` server is probed at ``/health`` and refused with a clear error when it
+    does not answer.
+    """
+    base = Path(base_dir or os.getcwd()).resolve()
+    if not uri:
+        return f"sqlite:///{base / 'mlflow.db'}"
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///") :])
+        path = path if path.is_absolute() else base / path
+        if not path.parent.exists():
+            raise TokbenchError(f"tracking.uri {uri!r}: directory {path.parent} does not exist")
+        if not os.access(path.parent, os.W_OK):
+            raise TokbenchError(f"tracking.uri {uri!r}: directory {path.parent} is not writable")
+        return f"sqlite:///{path}"
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
+                response.read()
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TokbenchError(
+                f"tracking.uri {uri!r}: MLflow server not reachable ({reason}); start one with "
+                f"`mlflow server --backend-store-uri sqlite:////abs/mlflow.db --host 127.0.0.1 --port 5000` "
+                f"or leave tracking.uri empty for a local SQLite file"
+            ) from exc
+        return uri.rstrip("/")
+    raise TokbenchError(f"tracking.uri {uri!r}: expected sqlite:///PATH or http(s)://HOST:PORT")
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": "1"}``; lists become their string form."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:_MAX_PARAM]
+    return flat
+
+
+class RunLogger:
+    """An MLflow run: params, tags, per-epoch metrics, artifacts, and an honest end state.
+
+    Use as a context manager: leaving it by an exception marks the run ``FAILED`` (and
+    re-raises); otherwise ``FINISHED``. ``parent_run_id`` nests the run under a sweep's run.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str = "",
+        tags: Mapping[str, str] | None = None,
+        parent_run_id: str | None = None,
+        run_id: str | None = None,
+    ):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.tracking_uri = tracking_uri
+        if run_id is not None:  # reattach, e.g. after a resume
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else self._create_experiment(experiment)
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(experiment_id, run_name=run_name or None, tags=all_tags)
+        self.run_id = run.info.run_id
+        self.experiment_id = experiment_id
+
+    def _create_experiment(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException:  # created concurrently by another process
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params (values stringified), 100 per request as MLflow allows."""
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:_MAX_PARAM]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set tags (values stringified)."""
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Log the numeric, finite entries of ``metrics`` at ``step`` (others are skipped)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def log_artifacts(self, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
+        """Upload files (or directories) to the run's artifact store."""
+        for path in paths:
+            path = Path(path)
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            else:
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Close the run with ``status`` (FINISHED, FAILED or KILLED)."""
+        self.client.set_terminated(self.run_id, status=status)
+
+    def __enter__(self) -> "RunLogger":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.end("FINISHED")
+        else:
+            self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
