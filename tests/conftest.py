@@ -62,3 +62,28 @@ def tiny_h5ad(tmp_path) -> Path:
     path = tmp_path / "tiny.h5ad"
     tiny_adata().write_h5ad(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_atlas(tmp_path_factory) -> dict:
+    """A small synthetic atlas (480 cells, 300 genes, 4 tissues, 8 types) and its gene embeddings."""
+    from tokbench.data.synth import write_atlas
+
+    folder = tmp_path_factory.mktemp("atlas")
+    return write_atlas(folder / "atlas.h5ad", n_cells=480, n_genes=300, seed=0)
+
+
+def tiny_overrides(atlas: dict, tmp_path: Path) -> list[str]:
+    """Overrides that make the cross_tissue experiment a seconds-long run on ``atlas``."""
+    return [
+        f"dataset.path={atlas['h5ad']}",
+        f"gene_embeddings={atlas['gene_embeddings']}",
+        f"dataset.cache_dir={tmp_path / 'cache'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "model.d_model=16",
+        "model.n_heads=2",
+        "model.n_layers=1",
+        "trainer.batch_size=64",
+        "trainer.max_epochs=2",
+        "fc.select.size=48",
+    ]

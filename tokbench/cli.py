@@ -62,6 +62,23 @@ def _data_prepare(args: argparse.Namespace) -> None:
     print(f"classes   {len(data.class_names)}: {', '.join(data.class_names)}")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from tokbench.train_command import train
+
+    train(args.experiment, args.overrides, resume=args.resume, progress=not args.no_progress)
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from tokbench.sweep.spec import dry_run, load_sweep
+
+    if args.dry_run:
+        print(dry_run(load_sweep(args.file)))
+        return
+    from tokbench.sweep.launch import run_sweep
+
+    run_sweep(args.file, address=args.address, name=args.name, resume=args.resume, num_cpus=args.num_cpus)
+
+
 def _tokenizers(args: argparse.Namespace) -> None:
     from tokbench.tokenizers import catalogue
 
@@ -107,6 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--cache-dir", default=None, help="default: $TOKBENCH_CACHE or ~/.cache/tokbench")
     prepare.add_argument("--rebuild", action="store_true")
     prepare.set_defaults(func=_data_prepare)
+
+    train = commands.add_parser("train", help="train one experiment and record it in MLflow")
+    train.add_argument("experiment", help="experiment YAML, or a built-in name (cross_tissue)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides: model.d_model=256 fc=uce optimizer.lr=1e-3")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=_train)
+
+    sweep = commands.add_parser("sweep", help="run a sweep file on Ray Tune (locally or on a cluster)")
+    sweep.add_argument("file", help="search-space YAML (search_spaces/*.yaml)")
+    sweep.add_argument("--dry-run", action="store_true", help="expand and validate every trial, start nothing")
+    sweep.add_argument("--address", help="Ray cluster address (auto, or HEAD_IP:6379); default: start Ray here")
+    sweep.add_argument("--name", help="sweep name (Ray experiment directory); default: <file name>-<UTC time>")
+    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep (the latest, or --name)")
+    sweep.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    sweep.set_defaults(func=_sweep)
 
     tokenizers = commands.add_parser("tokenizers", help="the catalogue of Fg, Fe, Fc parts and presets")
     tokenizers.set_defaults(func=_tokenizers)

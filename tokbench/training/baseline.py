@@ -33,6 +33,7 @@ from tokbench.training.loop import (
     load_checkpoint_file,
     rng_state,
     set_rng_state,
+    test_result,
 )
 from tokbench.training.metrics import AnnotationMetrics
 
@@ -174,20 +175,12 @@ class LogisticRegressionBaseline:
         if len(self.test_cells) == 0:
             raise TokbenchError("the test split is empty: no cell is assigned to 'test'; check the split settings")
         self.model.load_state_dict(self.best_state)
-        scores = self._evaluate(self.test_cells)
-        self._test_result = {
-            "test_accuracy": scores["accuracy"],
-            "test_macro_f1": scores["macro_f1"],
-            "test_mcc": scores["mcc"],
-            "test_loss": scores["loss"],
-            "test_n_cells": scores["n_cells"],
-            "test_confusion_matrix": scores["confusion_matrix"],
-            "test_per_class_accuracy": scores["per_class_accuracy"],
-            "class_names": list(self.class_names),
-            "best_epoch": self.stopper.best_epoch,
-            f"best_val_{self.cfg.track_metric}": self.stopper.best_value,
-        }
+        self._test_result = self.evaluate_test()
         return self._test_result
+
+    def evaluate_test(self) -> dict:
+        """Test metrics of the current weights (see ``AnnotationTrainer.evaluate_test``)."""
+        return test_result(self._evaluate(self.test_cells), self.class_names, self.stopper, self.cfg.track_metric)
 
     def state_dict(self) -> dict:
         """Weights, optimiser, epochs done, early stopping, best weights, history, RNG states."""

@@ -158,6 +158,22 @@ def check_splits(data: PreparedData) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return train, val, test
 
 
+def test_result(scores: dict, class_names: list[str], stopper: EarlyStopping, track_metric: str) -> dict:
+    """Name the test-split ``scores`` of ``AnnotationMetrics.compute`` as ``test()`` returns them."""
+    return {
+        "test_accuracy": scores["accuracy"],
+        "test_macro_f1": scores["macro_f1"],
+        "test_mcc": scores["mcc"],
+        "test_loss": scores["loss"],
+        "test_n_cells": scores["n_cells"],
+        "test_confusion_matrix": scores["confusion_matrix"],
+        "test_per_class_accuracy": scores["per_class_accuracy"],
+        "class_names": list(class_names),
+        "best_epoch": stopper.best_epoch,
+        f"best_val_{track_metric}": stopper.best_value,
+    }
+
+
 def atomic_save(obj: object, path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``.
 
@@ -459,20 +475,17 @@ class AnnotationTrainer:
         if len(self.test_cells) == 0:
             raise TokbenchError("the test split is empty: no cell is assigned to 'test'; check the split settings")
         self.model.load_state_dict(self.best_state)
-        scores = self._evaluate(self.test_cells)
-        self._test_result = {
-            "test_accuracy": scores["accuracy"],
-            "test_macro_f1": scores["macro_f1"],
-            "test_mcc": scores["mcc"],
-            "test_loss": scores["loss"],
-            "test_n_cells": scores["n_cells"],
-            "test_confusion_matrix": scores["confusion_matrix"],
-            "test_per_class_accuracy": scores["per_class_accuracy"],
-            "class_names": list(self.class_names),
-            "best_epoch": self.stopper.best_epoch,
-            f"best_val_{self.cfg.track_metric}": self.stopper.best_value,
-        }
+        self._test_result = self.evaluate_test()
         return self._test_result
+
+    def evaluate_test(self) -> dict:
+        """Test metrics of the *current* weights, keyed as ``test()`` returns them.
+
+        A sweep calls this right after each new best validation epoch, so its last value is
+        the test score of the best weights even for a trial the scheduler stops early. The
+        test split never influences training or model selection.
+        """
+        return test_result(self._evaluate(self.test_cells), self.class_names, self.stopper, self.cfg.track_metric)
 
     # -- checkpoints ---------------------------------------------------------------------
 

@@ -1,0 +1,78 @@
+"""Expression bin ids of the binned Fe parts, computed with the cell sentences.
+
+Bin id 0 is what special tokens (CLS, PAD, chromosome tokens) carry; an expressed gene
+never gets it, so a bin embedding can never confuse a special token with a value.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokbench.tokenizers import kernels
+
+
+def scbert_bins(values: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """scBERT bins: ``1 + min(floor(x), n_bins)`` for log-normalised values x > 0.
+
+    Ids run 1..n_bins+1 (scBERT's categories 0..B shifted by one to keep 0 for special
+    tokens), so the embedding table has ``n_bins + 2`` rows.
+    """
+    return values.floor().clamp_(max=n_bins).to(torch.int64) + 1
+
+
+def scgpt_bins(
+    value_keys: torch.Tensor,
+    n_entries: int,
+    n_expressed: torch.Tensor,
+    entries: torch.Tensor,
+    tie_bits: torch.Tensor,
+    n_bins: int,
+) -> torch.Tensor:
+    """scGPT's per-cell quantile bins of the given entries, ids in 1..n_bins-1.
+
+    ``value_keys`` (B, W) holds one key ``value_bits * 2**32 + entry`` per stored value of
+    each cell (the whole cell, not just the selected genes), with value bits 0x7FFFFFFF for
+    values that are not expressed; ``n_entries`` bounds the entry ids; ``n_expressed`` (B,)
+    counts the expressed values; ``entries`` (B, K) are the entries to bin; ``tie_bits``
+    (B, K) are random bits for the tie-break.
+
+    As in scGPT's ``binning``: the edges are ``np.quantile(nonzero, linspace(0, 1, B-1))``
+    (linear interpolation); a value gets ``digitize(x, edges)`` (edges <= x, call it
+    ``left``) unless it equals one or more edges, in which case it is placed uniformly at
+    random in ``right+1 .. left`` (``right`` = edges < x). The counts of edges <= x and < x
+    only depend on the rank of x among the cell's values: with ``m = B-2`` and ``n``
+    values, edge k sits at rank ``h_k = (n-1)k/m``, so ``left = floor((r_hi-1)m/(n-1)) + 1``
+    and ``right = ceil(r_lo m/(n-1))`` where ``r_lo``/``r_hi`` count the values < x / <= x.
+    Computing from ranks keeps every step in exact integer arithmetic (``np.quantile`` can
+    differ only where its floating-point interpolation rounds onto a data value). The
+    result is non-decreasing in x within a cell.
+    """
+    batch, width = value_keys.shape
+    m = n_bins - 2
+    if entries.shape[1] == 0 or width == 0:
+        return torch.zeros_like(entries)
+    ordered = kernels.sort_rows(value_keys)
+    sorted_bits = ordered >> 32
+    columns = torch.arange(width, device=value_keys.device)
+    # Rank range of each sorted place's value: first and last place of its run of ties.
+    new_run = torch.ones_like(ordered, dtype=torch.bool)
+    new_run[:, 1:] = sorted_bits[:, 1:] != sorted_bits[:, :-1]
+    run_start = torch.where(new_run, columns, 0).cummax(dim=1).values
+    run_ends = torch.ones_like(new_run)
+    run_ends[:, :-1] = new_run[:, 1:]
+    run_last = torch.where(run_ends, columns, width - 1).flip(1).cummin(dim=1).values.flip(1)
+    # Sorted place of each entry, then the ranks of the requested entries.
+    place = torch.zeros(n_entries, dtype=torch.int64, device=value_keys.device)
+    place.scatter_(0, (ordered & 0xFFFFFFFF).view(-1), columns.expand(batch, width).reshape(-1))
+    at = place.index_select(0, entries.reshape(-1)).view(entries.shape)
+    r_lo = run_start.gather(1, at)
+    r_hi = run_last.gather(1, at) + 1
+    n = n_expressed.to(torch.int64)[:, None]
+    spread = (n - 1).clamp(min=1).to(torch.float64)
+    # floor(a / b) of integers below 2**53 in float64 is exact (no quotient rounds onto an
+    # integer it does not equal) and much faster than int64 division.
+    left = torch.where(n > 1, ((r_hi - 1) * m / spread).floor_().to(torch.int64), m) + 1
+    right = torch.where(r_lo > 0, ((r_lo * m - 1) / spread).floor_().to(torch.int64) + 1, 0)
+    # digits = ceil(left - r*(left-right)) with r uniform in [0, 1): uniform on right+1..left.
+    draw = (kernels.top_bits(tie_bits, 31) * (left - right)) >> 31
+    return left - draw

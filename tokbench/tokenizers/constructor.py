@@ -1,0 +1,424 @@
+"""Fc, the cell constructor: CSR rows in, a padded batch of cell sentences out.
+
+The whole batch is processed with array operations, never a loop over cells. Each stored
+value of the batch is an *entry* p (its position in the batch's CSR arrays). An entry gets
+a 64-bit key ``rank * 2**32 + p``; the keys are scattered into a (B, W) block (W = longest
+row of the batch) and one row-wise sort both picks and orders the genes; p then gives the
+gene and the value back.
+
+Semantics, exactly:
+
+- A gene is *expressed* in a cell when its log-normalised value is > 0 (and, with a
+  pretrained Fg under ``missing: drop``, the file has a vector for it). Nothing else ever
+  enters a sentence.
+- **Selection happens before ordering.** ``truncate`` keeps the ``size`` genes that come
+  first under the order's own key (so ``truncate`` + ``expression`` is the top-L by
+  expression, ``truncate`` + ``random`` a uniform sample of L in random order, ``truncate``
+  + ``none`` the first L in CSR order). ``sample`` picks ``size`` genes uniformly without
+  replacement, then orders them; with ``order: random`` the sample's own random keys give
+  the order, which is the same distribution. ``weighted_sample`` makes ``size`` draws with
+  probability proportional to the stored value x = log1p(normalised expression): with
+  replacement (inverse CDF, a gene may appear several times, always side by side under a
+  deterministic order) or without (Efraimidis-Spirakis keys ``-log(u)/x``). Cells with
+  fewer expressed genes than ``size`` keep all of them (without replacement).
+- Orders: ``expression`` descending (ties: lower gene index first; with
+  ``normalize_by_median`` the key is ``expm1(x) / expm1(median_g)``, Geneformer's
+  normalised counts over the gene's median nonzero training value; genes never expressed
+  in training use the median over genes); ``random``; ``gene_index`` ascending; ``none``
+  keeps the CSR order; ``chromosome`` (UCE): one group per chromosome present, groups in a
+  random order per cell and epoch, genes within a group by genomic start (then gene
+  index). Genes without a chromosome position form one *unplaced* group that always comes
+  last. Each group is opened by its own chromosome token and closed by ``CHROM_END``.
+- Sentence: ``[CLS, ...]`` padded with PAD to the longest sentence of the batch. Length of
+  a sentence is ``1 + k`` genes, plus ``2 * groups`` under ``chromosome`` order, where k
+  is ``min(size, expressed)`` (or ``size`` draws with replacement, 0 for an empty cell).
+- Token ids: specials below ``N_SPECIAL``, gene j is ``N_SPECIAL + j``, chromosome group g
+  is ``N_SPECIAL + n_genes + g`` (groups sorted by chromosome, the unplaced group last).
+- Random choices use the counter-based streams of :mod:`kernels`: a pure function of
+  (seed, epoch, cell index, gene or draw number).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tokbench.data.genes import chromosome_rank
+from tokbench.errors import TokbenchError
+from tokbench.tokenizers import kernels
+from tokbench.tokenizers.base import CHROM_END, CLS, N_SPECIAL, PAD, CellSentences
+from tokbench.tokenizers.binning import scbert_bins, scgpt_bins
+
+_LOW32 = 0xFFFFFFFF
+_LAST = 0x7FFFFFFF  # rank of entries that must sort after every real one (real ranks are smaller)
+_RANDOM_BITS = 30  # random ranks stay below _LAST
+_RANK_BITS = 24  # bits of the genomic rank inside a chromosome-order key
+
+
+@dataclass(frozen=True)
+class ChromosomeLayout:
+    """Chromosome groups of the dataset's genes for the ``chromosome`` order.
+
+    ``group_of_gene[j]`` is gene j's group (placed groups sorted by chromosome, then the
+    unplaced group, if any); ``genomic_rank[j]`` sorts genes by (group, start, index).
+    """
+
+    group_names: list[str]
+    n_placed: int
+    group_of_gene: np.ndarray
+    genomic_rank: np.ndarray
+
+    @property
+    def n_groups(self) -> int:
+        """Number of groups, the unplaced one included."""
+        return len(self.group_names)
+
+
+def chromosome_layout(chromosome: np.ndarray, start: np.ndarray, gene_ids: np.ndarray) -> ChromosomeLayout:
+    """Group genes by chromosome; raise :class:`TokbenchError` when no gene has a position."""
+    chromosome = np.asarray(chromosome, dtype=object).astype(str)
+    start = np.asarray(start, dtype=np.int64)
+    placed = (chromosome != "") & (start >= 0)
+    if not placed.any():
+        examples = ", ".join(map(str, np.asarray(gene_ids)[:5]))
+        raise TokbenchError(
+            f"fc.order=chromosome needs genomic positions, but none of the dataset's {len(start)} genes "
+            f"has a chromosome and start (gene ids look like: {examples}). Map the genes to human symbols "
+            "or Ensembl ids (data.gene_key) or choose another order."
+        )
+    names = sorted(set(chromosome[placed]), key=lambda c: (chromosome_rank(c), c))
+    group = np.full(len(start), len(names), dtype=np.int64)
+    index = {name: i for i, name in enumerate(names)}
+    group[placed] = [index[c] for c in chromosome[placed]]
+    if not placed.all():
+        names = names + ["unplaced"]
+    genomic_rank = np.empty(len(start), dtype=np.int64)
+    genomic_rank[np.lexsort((np.arange(len(start)), np.where(placed, start, 0), group))] = np.arange(len(start))
+    if len(start) >= 1 << _RANK_BITS or len(names) >= (1 << (31 - _RANK_BITS)) - 1:
+        raise TokbenchError(f"chromosome order supports < {1 << _RANK_BITS} genes and < 127 chromosomes")
+    return ChromosomeLayout(names, int(np.unique(group[placed]).size), group, genomic_rank)
+
+
+class SentenceBuilder:
+    """Turns CSR rows into :class:`CellSentences` for one Fc (and the bins of one Fe).
+
+    Holds only small per-gene arrays, no model weights, so data-loader workers can use it.
+    """
+
+    def __init__(
+        self,
+        *,
+        order: str,
+        select: str,
+        size: int,
+        n_genes: int,
+        seed: int,
+        resample: bool = True,
+        median_factor: np.ndarray | None = None,
+        layout: ChromosomeLayout | None = None,
+        gene_keep: np.ndarray | None = None,
+        bins: tuple[str, int] | None = None,
+    ):
+        if size < 1:
+            raise TokbenchError(f"fc.select.size must be >= 1 (got {size})")
+        if order == "chromosome" and layout is None:
+            raise ValueError("chromosome order needs a ChromosomeLayout")
+        self.order, self.select, self.size, self.resample = order, select, int(size), bool(resample)
+        self.n_genes, self.seed, self.layout, self.bins = n_genes, int(seed), layout, bins
+        tables = {}
+        if median_factor is not None:
+            tables["median_factor"] = torch.as_tensor(median_factor, dtype=torch.float32)
+        if layout is not None:
+            tables["group_of_gene"] = torch.as_tensor(layout.group_of_gene)
+            tables["genomic_rank"] = torch.as_tensor(layout.genomic_rank)
+        if gene_keep is not None and not np.all(gene_keep):
+            tables["gene_keep"] = torch.as_tensor(gene_keep, dtype=torch.bool)
+        self._tables = {torch.device("cpu"): tables}
+
+    @property
+    def max_length(self) -> int:
+        """Longest sentence this builder can produce: CLS + genes (+ chromosome tokens)."""
+        groups = min(self.size, self.layout.n_groups) if self.order == "chromosome" else 0
+        return 1 + self.size + 2 * groups
+
+    def _table(self, name: str, device: torch.device) -> torch.Tensor | None:
+        if device not in self._tables:
+            self._tables[device] = {k: v.to(device) for k, v in self._tables[torch.device("cpu")].items()}
+        return self._tables[device].get(name)
+
+    def _cell_keys(self, stream: int, epoch: int, cells: torch.Tensor) -> torch.Tensor:
+        return kernels.cell_keys(kernels.stream_key(self.seed, stream, epoch), cells)
+
+    # -- order ranks: non-negative int64 below _LAST, smaller comes first ----------------------
+
+    def _order_rank(self, batch: "_Batch", gene, value, entry, epoch: int, row=None) -> torch.Tensor:
+        """Rank of each entry under the order.
+
+        ``row`` (broadcastable to ``gene``) names each entry's cell; None means ``gene`` etc.
+        are the batch's flat entries.
+        """
+        if row is None and self.order in ("random", "chromosome"):
+            row = batch.row
+        if self.order == "expression":
+            factor = self._table("median_factor", gene.device)
+            if factor is not None:
+                value = torch.expm1(value) * factor[gene]
+            return _LAST - value.contiguous().view(torch.int32).to(torch.int64)
+        if self.order == "random":
+            keys = self._cell_keys(kernels.STREAM_ORDER, epoch, batch.cells)
+            return kernels.top_bits(kernels.item_bits(_take(keys, row), gene), _RANDOM_BITS)
+        if self.order == "gene_index":
+            return gene
+        if self.order == "none":
+            return entry
+        # chromosome: the cell's random position of the gene's group, then the genomic rank.
+        group = self._table("group_of_gene", gene.device)[gene]
+        positions = self._group_positions(batch.cells, epoch)
+        position = _take(positions.view(-1), row * positions.shape[1] + group)
+        return position * (1 << _RANK_BITS) + self._table("genomic_rank", gene.device)[gene]
+
+    def _group_positions(self, cells: torch.Tensor, epoch: int) -> torch.Tensor:
+        """(B, n_groups) position of each chromosome group in each cell's order."""
+        layout, device = self.layout, cells.device
+        placed = torch.arange(layout.n_placed, device=device).expand(len(cells), -1)
+        bits = kernels.item_bits(self._cell_keys(kernels.STREAM_CHROMOSOME, epoch, cells)[:, None], placed)
+        order = kernels.sort_rows(kernels.top_bits(bits, _RANDOM_BITS) * (1 << 32) + placed) & _LOW32
+        position = torch.full((len(cells), layout.n_groups), layout.n_placed, dtype=torch.int64, device=device)
+        return position.scatter_(1, order, placed.contiguous())
+
+    # -- the batch ------------------------------------------------------------------------
+
+    def build(
+        self,
+        indptr: np.ndarray,
+        indices: np.ndarray,
+        values: np.ndarray,
+        cells: np.ndarray,
+        epoch: int,
+        device: torch.device | str = "cpu",
+    ) -> CellSentences:
+        """Cell sentences of the CSR rows ``(indptr, indices, values)`` of cells ``cells``.
+
+        ``cells`` are the global row indices (they seed the random choices); ``values`` are
+        log-normalised (float32); ``indices`` are gene columns. Runs on ``device``.
+        """
+        batch = _Batch.from_csr(indptr, indices, values, cells, torch.device(device),
+                                self._table("gene_keep", torch.device(device)))
+        entry, real = self._choose(batch, epoch)
+        gene, value = _take(batch.gene, entry), _take(batch.value, entry)
+        bins = None
+        if self.bins is not None:
+            kind, n_bins = self.bins
+            if kind == "scbert":
+                bins = scbert_bins(value, n_bins)
+            else:
+                tie_bits = kernels.item_bits(self._cell_keys(kernels.STREAM_BIN, epoch, batch.cells)[:, None], gene)
+                value_bits = torch.where(batch.expressed, batch.value[:-1].view(torch.int32).to(torch.int64), _LAST)
+                value_keys = batch.dense(value_bits * (1 << 32) + batch.entries)
+                bins = scgpt_bins(value_keys, batch.n_entries + 1, batch.n_expressed, entry, tie_bits, n_bins)
+        return self._assemble(gene, value, bins, real, self._count(batch))
+
+    def _count(self, batch: "_Batch") -> torch.Tensor:
+        """Genes in each cell's sentence."""
+        if self.select == "weighted_sample" and self.resample:
+            return torch.where(batch.n_expressed > 0, self.size, 0)
+        return batch.n_expressed.clamp(max=self.size)
+
+    def _choose(self, batch: "_Batch", epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, K) entries of the chosen genes in sentence order, and which places are real."""
+        size, order = self.size, self.order
+        if self.select == "truncate" or (self.select == "sample" and (batch.width <= size or order == "random")):
+            if order == "none" and batch.valid is None:
+                columns = torch.arange(min(size, batch.width), device=batch.device)
+                real = columns < batch.lengths[:, None]
+                return torch.where(real, batch.starts[:, None] + columns, batch.n_entries), real
+            rank = self._order_rank(batch, batch.gene[:-1], batch.value[:-1], batch.entries, epoch)
+            return _smallest(batch.dense(_compose(rank, batch.valid, batch.entries)), size)
+
+        if self.select == "sample":
+            keys = self._cell_keys(kernels.STREAM_SELECT, epoch, batch.cells)
+            rank = kernels.top_bits(kernels.item_bits(_take(keys, batch.row), batch.gene[:-1]), _RANDOM_BITS)
+            entry, real = _smallest(batch.dense(_compose(rank, batch.valid, batch.entries)), size)
+        elif self.resample:
+            entry, real = self._draw(batch, epoch)
+        else:
+            # Efraimidis-Spirakis: the `size` smallest -log(u)/x are a weighted sample without replacement.
+            keys = self._cell_keys(kernels.STREAM_SELECT, epoch, batch.cells)
+            u = kernels.uniform(kernels.item_bits(_take(keys, batch.row), batch.gene[:-1]))
+            rank = (-torch.log(u) / batch.value[:-1].to(torch.float64)).to(torch.float32).view(torch.int32)
+            entry, real = _smallest(batch.dense(_compose(rank.to(torch.int64), batch.valid, batch.entries)), size)
+
+        # Order the chosen entries; the column j in the low bits keeps duplicates side by side.
+        rows = torch.arange(len(entry), device=batch.device)[:, None]
+        rank = self._order_rank(batch, _take(batch.gene, entry), _take(batch.value, entry), entry, epoch, rows)
+        columns = torch.arange(entry.shape[1], device=batch.device)
+        picked = kernels.sort_rows(_compose(rank, real, columns)) & _LOW32
+        return entry.gather(1, picked), real.gather(1, picked)
+
+    def _draw(self, batch: "_Batch", epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``size`` draws with replacement per cell, p ~ value, by inverse CDF (in CSR order)."""
+        size, device, n_cells = self.size, batch.device, len(batch.cells)
+        weight = batch.value[:-1].to(torch.float64)
+        if batch.valid is not None:
+            weight = torch.where(batch.valid, weight, 0.0)
+        cumulative = torch.cat([weight.new_zeros(1), weight.cumsum(0)])
+        row_start = cumulative[batch.starts]
+        row_end = cumulative[batch.starts + batch.lengths]
+        # Sorted uniforms from exponential spacings, so the flat search sees sorted queries.
+        draws = torch.arange(size + 1, device=device).expand(n_cells, -1)
+        bits = kernels.item_bits(self._cell_keys(kernels.STREAM_DRAW, epoch, batch.cells)[:, None], draws)
+        spacing = (-torch.log(kernels.uniform(bits))).cumsum(1)
+        u = spacing[:, :size] / spacing[:, size:]
+        target = row_start[:, None] + u * (row_end - row_start)[:, None]
+        entry = kernels.searchsorted_right(cumulative[1:], target.reshape(-1)).view(n_cells, size)
+        # Rounding can push a draw past the row's last expressed entry: give it that entry.
+        last = batch.last_expressed()
+        entry = torch.minimum(entry, last[:, None])
+        real = (batch.n_expressed > 0)[:, None].expand(n_cells, size)
+        return torch.where(real, entry, batch.n_entries), real.contiguous()
+
+    def _assemble(self, gene, value, bins, real, count) -> CellSentences:
+        n_cells, device = gene.shape[0], gene.device
+        length = 1 + (int(count.max()) if n_cells else 0)
+        if self.order != "chromosome":
+            width = length - 1
+            absent = ~real[:, :width]
+            tokens = torch.empty(n_cells, length, dtype=torch.int64, device=device)
+            tokens[:, 0] = CLS
+            torch.add(gene[:, :width], N_SPECIAL, out=tokens[:, 1:]).masked_fill_(absent, PAD)
+            expression = torch.empty(n_cells, length, dtype=torch.float32, device=device)
+            expression[:, 0] = 0.0
+            expression[:, 1:] = value[:, :width]
+            expression[:, 1:].masked_fill_(absent, 0.0)
+            out_bins = None
+            if bins is not None:
+                out_bins = torch.empty(n_cells, length, dtype=torch.int64, device=device)
+                out_bins[:, 0] = 0
+                out_bins[:, 1:] = bins[:, :width]
+                out_bins[:, 1:].masked_fill_(absent, 0)
+            padding = torch.zeros_like(tokens, dtype=torch.bool)
+            padding[:, 1:] = absent
+            special = padding.clone()
+            special[:, 0] = True
+            return CellSentences(tokens, expression, special, padding, out_bins)
+
+        # Chromosome groups: gene j of a row moves right by 2 per group opened up to it.
+        k = gene.shape[1]
+        group = self._table("group_of_gene", device)[gene]
+        differs = torch.ones_like(real)
+        differs[:, 1:] = group[:, 1:] != group[:, :-1]
+        opens = real & differs
+        closes = real & torch.cat([~real[:, 1:] | differs[:, 1:], torch.ones_like(real[:, :1])], 1)
+        position = torch.arange(k, device=device) + 2 * opens.cumsum(1)
+        length = 1 + (int((count + 2 * opens.sum(1)).max()) if n_cells else 0)
+        spill = length  # masked writes land in one extra column that is cut off
+        at_gene = torch.where(real, position, spill)
+        tokens = torch.full((n_cells, length + 1), PAD, dtype=torch.int64, device=device)
+        tokens[:, 0] = CLS
+        tokens.scatter_(1, at_gene, gene + N_SPECIAL)
+        tokens.scatter_(1, torch.where(opens, position - 1, spill), N_SPECIAL + self.n_genes + group)
+        tokens.scatter_(1, torch.where(closes, position, spill), torch.full_like(group, CHROM_END))
+        expression = torch.zeros(n_cells, length + 1, dtype=torch.float32, device=device)
+        expression.scatter_(1, at_gene, value)
+        out_bins = None
+        if bins is not None:
+            out_bins = torch.zeros(n_cells, length + 1, dtype=torch.int64, device=device)
+            out_bins = out_bins.scatter_(1, at_gene, bins)[:, :length]
+        tokens = tokens[:, :length]
+        special = (tokens < N_SPECIAL) | (tokens >= N_SPECIAL + self.n_genes)
+        return CellSentences(tokens, expression[:, :length], special, tokens == PAD, out_bins)
+
+
+class _Batch:
+    """One batch as flat arrays over its entries (stored values), p = 0..n_entries-1.
+
+    ``gene``/``value`` carry one extra sentinel entry at index ``n_entries`` (gene 0,
+    value 0) that padding points at. ``valid`` is None when every entry is expressed.
+    """
+
+    def __init__(self, cells, starts, lengths, width, gene, value, valid, device):
+        self.cells, self.starts, self.lengths, self.width = cells, starts, lengths, width
+        self.gene, self.value, self.valid, self.device = gene, value, valid, device
+        self.n_entries = len(gene) - 1
+        self.entries = torch.arange(self.n_entries, device=device)
+        self._row = self._dest = None
+        if valid is None:
+            self.n_expressed = lengths
+        else:
+            counts = torch.cat([lengths.new_zeros(1), valid.cumsum(0)])
+            self.n_expressed = counts[starts + lengths] - counts[starts]
+
+    @classmethod
+    def from_csr(cls, indptr, indices, values, cells, device, gene_keep) -> "_Batch":
+        indptr = np.asarray(indptr, dtype=np.int64)
+        first, n_entries = (int(indptr[0]), int(indptr[-1] - indptr[0])) if len(indptr) > 1 else (0, 0)
+        lengths = np.diff(indptr)
+        gene = torch.zeros(n_entries + 1, dtype=torch.int64, device=device)
+        value = torch.zeros(n_entries + 1, dtype=torch.float32, device=device)
+        gene[:-1] = torch.as_tensor(np.asarray(indices)[first : first + n_entries]).to(device)
+        value[:-1] = torch.as_tensor(np.asarray(values, dtype=np.float32)[first : first + n_entries]).to(device)
+        valid = value[:-1] > 0
+        if gene_keep is not None:
+            valid &= gene_keep[gene[:-1]]
+        if bool(valid.all()):
+            valid = None
+        return cls(
+            torch.as_tensor(np.asarray(cells, dtype=np.int64)).to(device),
+            torch.as_tensor(indptr[:-1] - first).to(device),
+            torch.as_tensor(lengths).to(device),
+            int(lengths.max(initial=0)), gene, value, valid, device,
+        )
+
+    @property
+    def expressed(self) -> torch.Tensor:
+        """Bool per entry: the gene is expressed (and allowed)."""
+        return torch.ones_like(self.entries, dtype=torch.bool) if self.valid is None else self.valid
+
+    @property
+    def row(self) -> torch.Tensor:
+        """Cell (row of the batch) of each entry."""
+        if self._row is None:
+            rows = torch.arange(len(self.lengths), device=self.device)
+            self._row = kernels.repeat(rows, self.lengths, self.n_entries)
+        return self._row
+
+    def dense(self, flat: torch.Tensor) -> torch.Tensor:
+        """Scatter one sort key per entry into a (B, W) block.
+
+        Places without an entry get a key that sorts after every real one and points at
+        the sentinel entry.
+        """
+        if self._dest is None:
+            shift = torch.arange(len(self.lengths), device=self.device) * self.width - self.starts
+            self._dest = self.entries + kernels.repeat(shift, self.lengths, self.n_entries)
+        block = torch.full((len(self.lengths) * self.width,), (_LAST << 32) | self.n_entries, dtype=torch.int64, device=self.device)
+        return block.scatter_(0, self._dest, flat).view(len(self.lengths), self.width)
+
+    def last_expressed(self) -> torch.Tensor:
+        """(B,) the last expressed entry of each row (the sentinel for rows without one)."""
+        if self.valid is None:
+            last = self.starts + self.lengths - 1
+            return torch.where(self.lengths > 0, last, self.n_entries)
+        marked = torch.where(self.valid, self.entries, -1)
+        last = torch.full_like(self.starts, -1).scatter_reduce_(0, self.row, marked, "amax")
+        return torch.where(last >= 0, last, self.n_entries)
+
+
+def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[index]`` for a 1-D ``values`` and an index of any shape (a fast gather)."""
+    return values.index_select(0, index.reshape(-1)).view(index.shape)
+
+
+def _compose(rank: torch.Tensor, real: torch.Tensor | None, low: torch.Tensor) -> torch.Tensor:
+    """Sort keys ``rank * 2**32 + low``, with rank _LAST where ``real`` is False."""
+    if real is not None:
+        rank = torch.where(real, rank, _LAST)
+    return rank * (1 << 32) + low
+
+
+def _smallest(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entries (low 32 bits) of the ``k`` smallest keys of each row, and which are real."""
+    keys = kernels.sort_rows(keys)[:, :k]
+    return keys & _LOW32, keys < (_LAST << 32)

@@ -1,0 +1,149 @@
+"""Array kernels of the sentence builder: counter-based random bits, row sorts, flat search.
+
+Every random choice of a tokenizer is a pure function of ``(seed, epoch, cell, item)``:
+the bits come from a splitmix64 mixer applied to those counters, never from a generator
+with state, so a cell gets the same draw whatever batch, loader worker, process or
+machine tokenises it, and a new epoch gets a new draw.
+
+The kernels take and return torch tensors. On a GPU they are torch operations; on the CPU
+they run through numpy on the same memory (zero copy), whose AVX-512 sorts and unsigned
+64-bit arithmetic are 2-3x faster than torch's CPU kernels for these shapes. Both paths
+give bit-identical results (``force_torch`` exists so tests can check that on a CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_MUL1 = 0xBF58476D1CE4E5B9
+_MUL2 = 0x94D049BB133111EB
+INT64_MAX = (1 << 63) - 1
+
+# Independent random streams: one per kind of choice, so e.g. the order of a cell's genes
+# is not correlated with which genes were sampled.
+STREAM_SELECT, STREAM_ORDER, STREAM_CHROMOSOME, STREAM_BIN, STREAM_DRAW = 1, 2, 3, 4, 5
+
+_use_numpy = True
+
+
+@contextlib.contextmanager
+def force_torch():
+    """Run the CPU kernels with torch operations (the GPU code path) inside the block."""
+    global _use_numpy
+    previous, _use_numpy = _use_numpy, False
+    try:
+        yield
+    finally:
+        _use_numpy = previous
+
+
+def _numpy_ok(t: torch.Tensor) -> bool:
+    return _use_numpy and t.device.type == "cpu"
+
+
+def _signed(x: int) -> int:
+    """A 64-bit pattern as the int64 value torch stores for it."""
+    x &= _MASK64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def mix64(x: int) -> int:
+    """splitmix64's finaliser on one Python integer (a bijection on 64-bit patterns)."""
+    z = x & _MASK64
+    z = ((z ^ (z >> 30)) * _MUL1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MUL2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def stream_key(seed: int, stream: int, epoch: int) -> int:
+    """The 64-bit key of one random stream of one epoch (as a signed int64 value)."""
+    key = mix64(mix64(seed * _GOLDEN + stream) + (epoch + 1) * _GOLDEN)
+    return _signed(key)
+
+
+def _lsr(z: torch.Tensor, s: int) -> torch.Tensor:
+    # Logical right shift of int64 bit patterns (torch's >> is arithmetic).
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix_torch(z: torch.Tensor) -> torch.Tensor:
+    z = z ^ _lsr(z, 30)
+    z = z * _signed(_MUL1)
+    z = z ^ _lsr(z, 27)
+    z = z * _signed(_MUL2)
+    return z ^ _lsr(z, 31)
+
+
+def _mix_numpy(z: np.ndarray) -> np.ndarray:
+    # In place on a fresh uint64 array: numpy's unsigned arithmetic wraps modulo 2**64.
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(_MUL1)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(_MUL2)
+    z ^= z >> np.uint64(31)
+    return z
+
+
+def cell_keys(key: int, cells: torch.Tensor) -> torch.Tensor:
+    """Per-cell keys (int64 (B,)) of stream ``key`` for the global cell indices ``cells``."""
+    if _numpy_ok(cells):
+        c = cells.numpy().astype(np.uint64) * np.uint64(_GOLDEN) + np.uint64(key & _MASK64)
+        return torch.from_numpy(_mix_numpy(c).view(np.int64))
+    return _mix_torch(cells.to(torch.int64) * _signed(_GOLDEN) + key)
+
+
+def item_bits(keys: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """64 random bits (int64) for each item (gene id, draw number, ...) under its cell's key.
+
+    ``keys`` comes from :func:`cell_keys` and broadcasts against ``items``. The bits are
+    ``mix(cell_key + item * G)`` with splitmix64's golden-ratio increment G.
+    """
+    if _numpy_ok(items):
+        z = items.numpy().astype(np.uint64)
+        z *= np.uint64(_GOLDEN)
+        z += keys.numpy().view(np.uint64)
+        return torch.from_numpy(_mix_numpy(z).view(np.int64))
+    return _mix_torch(items.to(torch.int64) * _signed(_GOLDEN) + keys)
+
+
+def top_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
+    """The top ``n`` bits (n <= 63) of int64 bit patterns, as a non-negative int64."""
+    return _lsr(bits, 64 - n)
+
+
+def uniform(bits: torch.Tensor) -> torch.Tensor:
+    """Uniform float64 numbers in the open interval (0, 1) from 64 random bits (53 used)."""
+    return (top_bits(bits, 53).to(torch.float64) + 0.5) * (2.0**-53)
+
+
+def sort_rows(keys: torch.Tensor) -> torch.Tensor:
+    """Sort each row of a contiguous int64 (B, K) tensor ascending, in place where possible.
+
+    Keys must be distinct within a row (so the result does not depend on the algorithm).
+    Returns the sorted tensor (``keys`` itself on the CPU).
+    """
+    if keys.shape[-1] <= 1:
+        return keys
+    if _numpy_ok(keys) and keys.is_contiguous():
+        keys.numpy().sort(axis=-1)
+        return keys
+    return torch.sort(keys, dim=-1).values
+
+
+def repeat(values: torch.Tensor, counts: torch.Tensor, total: int) -> torch.Tensor:
+    """``values[i]`` repeated ``counts[i]`` times (1-D, ``total`` = sum of counts)."""
+    if _numpy_ok(values):
+        return torch.from_numpy(np.repeat(values.numpy(), counts.numpy()))
+    return torch.repeat_interleave(values, counts, output_size=total)
+
+
+def searchsorted_right(sorted_values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """For each query, the number of entries of the 1-D ``sorted_values`` that are <= it."""
+    if _numpy_ok(queries):
+        return torch.from_numpy(np.searchsorted(sorted_values.numpy(), queries.numpy(), side="right"))
+    return torch.searchsorted(sorted_values, queries, right=True)

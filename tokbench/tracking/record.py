@@ -1,0 +1,67 @@
+"""What an MLflow run of tokbench holds: params, tags, per-epoch metrics, test results, artifacts."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from tokbench.tracking.mlflow_runs import RunLogger, flatten
+from tokbench.training.experiment import config_hash, tokenizer_tags
+from tokbench.training.metrics import write_confusion_report
+
+# Per-epoch keys that are bookkeeping, not metrics worth a chart.
+_NOT_LOGGED = {"epoch", "should_stop"}
+
+
+def run_tags(cfg: DictConfig) -> dict[str, str]:
+    """Tags that identify a run in comparisons: tokenizer parts, dataset, split, seed."""
+    split = cfg.split
+    if split.kind == "random":
+        split_name = "random"
+    else:
+        split_name = f"{split.kind}:{'+'.join(split.train) or 'train'}->{'+'.join(split.test) or 'test'}"
+    return {
+        **tokenizer_tags(cfg),
+        "method": cfg.method,
+        "dataset": cfg.dataset.name or Path(cfg.dataset.path).stem,
+        "split": split_name,
+        "seed": str(cfg.seed),
+        "config_hash": config_hash(cfg),
+    }
+
+
+def start_run(logger: RunLogger, cfg: DictConfig) -> None:
+    """Log the flattened resolved config as params and the identifying tags."""
+    logger.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+    logger.set_tags(run_tags(cfg))
+
+
+def log_epoch(logger: RunLogger, metrics: dict) -> None:
+    """One epoch's metrics at step = epoch."""
+    logger.log_metrics({k: v for k, v in metrics.items() if k not in _NOT_LOGGED}, step=int(metrics["epoch"]))
+
+
+def log_result(logger: RunLogger, cfg: DictConfig, result: dict, runner, run_dir: Path, history: list[dict]) -> None:
+    """Final test metrics and the artifacts: confusion matrix (PNG, CSV), per-class accuracy,
+    resolved config, epoch history, and (``tracking.log_model``) the best weights."""
+    scalars = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    logger.log_metrics(scalars, step=int(result.get("best_epoch", 0)))
+    out = run_dir / "artifacts"
+    out.mkdir(parents=True, exist_ok=True)
+    files = list(write_confusion_report(result, out).values())
+    history_file = out / "history.csv"
+    keys = sorted({k for row in history for k in row})
+    with open(history_file, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+    files += [history_file, run_dir / "config.yaml"]
+    if cfg.tracking.log_model:
+        model_file = out / "best_model.pt"
+        torch.save(runner.model.state_dict(), model_file)  # test() left the best weights loaded
+        files.append(model_file)
+    logger.log_artifacts(files)
+    logger.set_tags({"end_state": "completed", "epochs_run": len(history)})

@@ -1,0 +1,83 @@
+"""``tokbench train``: one experiment end to end, with a progress bar, recorded in MLflow."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Sequence
+
+from tqdm import tqdm
+
+from tokbench.errors import TokbenchError
+from tokbench.tracking.mlflow_runs import RunLogger, resolve_tracking_uri
+from tokbench.tracking.record import log_epoch, log_result, run_tags, start_run
+from tokbench.training.experiment import check_resume, experiment_path, load_experiment, run_directory
+from tokbench.training.run import build_runner
+
+log = logging.getLogger("tokbench")
+
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def train(experiment: str, overrides: Sequence[str] = (), *, resume: str | None = None, progress: bool = True) -> dict:
+    """Run one experiment; return its test result. Errors in the config, data or tracking
+    URI surface as :class:`TokbenchError` before any training."""
+    cfg = load_experiment(experiment_path(experiment), overrides)
+    if resume:
+        run_dir = Path(resume).resolve()
+        check_resume(run_dir, cfg)
+    else:
+        run_dir = run_directory(cfg)
+        if (run_dir / "config.yaml").exists():
+            raise TokbenchError(f"run_dir {run_dir} holds a run already; resume it with --resume {run_dir} or pick another run_dir")
+    uri = resolve_tracking_uri(cfg.tracking.uri) if cfg.tracking.enabled else None
+    logger = None
+    if uri:
+        previous = run_dir / RUN_ID_FILE
+        if resume and previous.exists():
+            logger = RunLogger(uri, cfg.tracking.experiment, run_id=previous.read_text().strip())
+        else:
+            logger = RunLogger(uri, cfg.tracking.experiment, run_name=cfg.tracking.run_name or run_tags(cfg)["tokenizer"])
+    with logger if logger else nullcontext():
+        if logger:
+            start_run(logger, cfg)
+        bar = tqdm(total=0, unit="cell", disable=not progress, dynamic_ncols=True, leave=False)
+
+        def on_batch(done: int, total: int, rate: float) -> None:
+            if bar.total != total:
+                bar.reset(total=total)
+            bar.n = done
+            bar.set_postfix_str(f"{rate:,.0f} cells/s", refresh=False)
+            bar.refresh()
+
+        runner = build_runner(cfg, run_dir, on_batch=on_batch)
+        if logger:
+            run_dir.joinpath(RUN_ID_FILE).write_text(logger.run_id)
+        if resume and (run_dir / "trainer.pt").exists():
+            runner.load_checkpoint()
+            log.info("resumed %s after epoch %d", run_dir, runner.epoch)
+
+        def on_epoch(metrics: dict) -> None:
+            runner.save_checkpoint()
+            if logger:
+                log_epoch(logger, metrics)
+            bar.write(
+                f"epoch {metrics['epoch']:>3}  loss {metrics['train_loss']:.4f}  val acc {metrics['val_accuracy']:.3f}  "
+                f"val F1 {metrics['val_macro_f1']:.3f}  val MCC {metrics['val_mcc']:.3f}  "
+                f"{metrics['cells_per_second']:,.0f} cells/s  {metrics['epoch_seconds']:.1f} s"
+            )
+
+        history = runner.fit(on_epoch=on_epoch)
+        bar.close()
+        result = runner.test()
+        if logger:
+            log_result(logger, cfg, result, runner, run_dir, history)
+    print(
+        f"test  accuracy {result['test_accuracy']:.4f}  macro-F1 {result['test_macro_f1']:.4f}  "
+        f"MCC {result['test_mcc']:.4f}  (best epoch {result['best_epoch']} of {len(history)})"
+    )
+    print(f"run   {run_dir}")
+    if uri:
+        print(f"mlflow run {logger.run_id} in {uri}  (mlflow ui --backend-store-uri {uri})")
+    return result
