@@ -1,0 +1,172 @@
+"""The sweep service on a real multi-node Ray cluster: expansion, ASHA, MLflow, retries, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+from ray.cluster_utils import Cluster
+
+from tokbench.errors import TokbenchError
+from tokbench.sweep.launch import run_sweep
+from tokbench.sweep.spec import dry_run, load_sweep
+from tokbench.sweep.state import SweepState
+from tokbench.trainable import TokbenchTrainable
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node without CPUs and two one-CPU worker nodes: trials must spread."""
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 80 * 1024**2, "include_dashboard": False})
+    for _ in range(2):
+        c.add_node(num_cpus=1, object_store_memory=80 * 1024**2)
+    c.wait_for_nodes()
+    ray.init(address=c.address, logging_level="WARNING")
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def write_sweep(tmp_path: Path, atlas: dict, **changes) -> Path:
+    spec = {
+        "name": "tiny",
+        "base": {
+            "experiment": "cross_tissue",
+            "overrides": [
+                f"dataset.path={atlas['h5ad']}",
+                f"gene_embeddings={atlas['gene_embeddings']}",
+                f"dataset.cache_dir={tmp_path / 'cache'}",
+                "model.d_model=16", "model.n_heads=2", "model.n_layers=1",
+                "trainer.batch_size=16", "optimizer.lr=0.01", "model.pooling=mean", "trainer.early_stopping=false", "fc.select.size=32",
+            ],
+        },
+        "grid": {"fe": ["zero", "linear"], "fc": ["geneformer", "scgpt"]},
+        "baseline": True,
+        "seeds": [0],
+        "max_epochs": 5,
+        "scheduler": {"name": "asha", "metric": "val_mcc", "mode": "max", "grace_period": 2, "reduction_factor": 2},
+        "resources": {"cpu": 1, "gpu": 0},
+        "max_failures": 2,
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tiny"},
+        "storage_path": str(tmp_path / "results"),
+    }
+    spec.update(changes)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def mlflow_runs(tmp_path: Path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("tokbench.kind") == "sweep"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def test_sweep_spreads_over_nodes_asha_stops_and_mlflow_has_one_child_per_trial(cluster, tiny_atlas, tmp_path):
+    board = run_sweep(write_sweep(tmp_path, tiny_atlas), verbose=0)
+    state = SweepState.load(next((tmp_path / "results").iterdir()))
+    trials = state.doc["trials"]
+    assert len(trials) == 5
+    assert len({t["node_id"] for t in trials.values()}) == 2
+    assert any(t["end_state"] == "stopped_early" for t in trials.values())
+    assert any(t["end_state"] == "completed" and t["epochs"] == 5 for t in trials.values())
+    client, parents, children = mlflow_runs(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 5
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert {c.data.tags["tokenizer"] for c in children} == {
+        "learned/zero/geneformer", "learned/zero/scgpt", "learned/linear/geneformer", "learned/linear/scgpt", "baseline:logreg"}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["end_state"] in ("completed", "stopped_early")
+        assert "final_test_mcc" in child.data.metrics
+    assert set(board["tokenizer"]) == {c.data.tags["combination"] for c in children}
+    row = board.set_index("tokenizer").loc["baseline:logreg"]
+    baseline_run = next(c for c in children if c.data.tags["tokenizer"] == "baseline:logreg")
+    assert row["test_mcc_mean"] == pytest.approx(baseline_run.data.metrics["final_test_mcc"])
+
+
+class CrashOnce(TokbenchTrainable):
+    """Raises once, after its second epoch, the first time it runs (marker file on disk)."""
+
+    marker = ""
+
+    def step(self):
+        result = super().step()
+        marker = Path(self.marker)
+        if result["epoch"] == 2 and not marker.exists():
+            marker.touch()
+            raise RuntimeError("injected crash")
+        return result
+
+
+def test_a_crashed_trial_is_retried_from_its_checkpoint(cluster, tiny_atlas, tmp_path):
+    marker = tmp_path / "crashed"
+    path = write_sweep(tmp_path, tiny_atlas, grid={"fc": ["geneformer"]}, baseline=False, scheduler={"name": "none"}, max_epochs=3)
+    # Ship the class (and its marker path) by value: workers cannot import this test module.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    CrashOnce.marker = str(marker)
+    run_sweep(path, trainable=CrashOnce, verbose=0)
+    assert marker.exists()
+    state = SweepState.load(next((tmp_path / "results").iterdir()))
+    (trial,) = state.doc["trials"].values()
+    assert trial["end_state"] == "completed"
+    assert [h["epoch"] for h in trial["history"]] == [1, 2, 3]  # epoch 3 resumed after the crash, not rerun from 1
+    client, _, children = mlflow_runs(tmp_path)
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(children[0].info.run_id, "val_mcc")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"grid": {"fc": ["geneformer", "word2vec"]}}, r"unknown fc preset 'word2vec'; valid: geneformer"),
+        ({"grid": {"fx": ["a"]}}, r"grid.fx: Key 'fx' not in 'GridSpec'"),
+        ({"search": {"algorithm": "bayes"}}, r"search.algorithm: 'bayes' is not one of grid, random, optuna"),
+        ({"params": {"optimizer.lr": {"loguniform": [0.1, 0.01]}}, "search": {"algorithm": "random"}}, r"params.optimizer.lr.loguniform: expected \[low, high\]"),
+        ({"params": {"optimizer.lr": {"loguniform": [1e-4, 1e-2]}}}, r"search.algorithm=grid enumerates `choice` lists only"),
+        ({"params": {"optimizer.lrate": {"choice": [0.1]}}}, r"params.optimizer.lrate: no such config key"),
+        ({"params": {"model.n_heads": {"choice": [2, 3]}}}, r"model.n_heads: d_model 16 is not divisible by n_heads 3"),
+        ({"combinations": [{"fg": "learned", "fx": "zero"}]}, r"combinations\[0\]: unknown key\(s\) \['fx'\]"),
+        ({"scheduler": {"name": "asha", "reduction_factor": 1}}, r"scheduler.reduction_factor: must be > 1"),
+        ({"resources": {"cpu": 1, "gpu": 1.5}}, r"resources.gpu: a fraction must be below 1"),
+        ({"base": {"experiment": "missing.yaml"}}, r"missing.yaml: no such file"),
+    ],
+)
+def test_dry_run_refuses_broken_sweep_files(tiny_atlas, tmp_path, changes, message):
+    with pytest.raises(TokbenchError, match=message):
+        dry_run(load_sweep(write_sweep(tmp_path, tiny_atlas, **changes)))
+
+
+def test_dry_run_lists_trials_and_resources(tiny_atlas, tmp_path):
+    report = dry_run(load_sweep(write_sweep(tmp_path, tiny_atlas, seeds=[0, 1])))
+    assert "trials     10 = 5 combinations x 2 seeds" in report
+    assert "1 CPU, 0 GPU per trial" in report and "baseline:logreg" in report
+
+
+def test_gpu_request_on_a_cluster_without_gpus_is_refused(cluster, tiny_atlas, tmp_path):
+    with pytest.raises(TokbenchError, match=r"resources.gpu=0.25 per trial, but the cluster .* has no GPU"):
+        run_sweep(write_sweep(tmp_path, tiny_atlas, resources={"cpu": 1, "gpu": 0.25}), verbose=0)
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
+
+
+def test_unwritable_storage_path_is_refused(tiny_atlas, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(TokbenchError, match=r"storage_path .*file/results: not writable"):
+        run_sweep(write_sweep(tmp_path, tiny_atlas, storage_path=str(blocked / "results")), verbose=0)

@@ -1,0 +1,1 @@
+"""The Ray Tune sweep service: search-space files, trial expansion, launch, resume."""

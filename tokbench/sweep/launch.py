@@ -1,0 +1,265 @@
+"""``tokbench sweep``: launch (or resume) a sweep on this machine or on a Ray cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from tokbench.errors import TokbenchError
+from tokbench.sweep.spec import Sweep, dry_run, load_sweep
+from tokbench.sweep.state import SweepState
+from tokbench.tracking.mlflow_runs import RunLogger, resolve_tracking_uri
+
+log = logging.getLogger("tokbench.sweep")
+
+
+def storage_root(sweep: Sweep) -> Path:
+    """The absolute, writable directory Ray writes results to."""
+    root = Path(sweep.spec.storage_path or "ray_results").expanduser()
+    if not root.is_absolute():
+        root = Path.cwd() / root
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{uuid.uuid4().hex[:6]}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise TokbenchError(f"storage_path {root}: not writable ({exc.strerror}); set storage_path to a writable directory") from exc
+    return root
+
+
+def _connect(address: Optional[str], cpus: Optional[int]) -> None:
+    import ray
+
+    # Results go to MLflow and to Ray's CSV/JSON logs; TensorBoard files are not wanted.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    if ray.is_initialized():
+        return
+    try:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise TokbenchError(
+            f"no Ray cluster reachable at {address!r} ({str(exc).splitlines()[0]}); start one with "
+            f"`ray start --head` (or scripts/cluster.sh up), or omit --address to run on this machine"
+        ) from exc
+
+
+def _check_resources(sweep: Sweep, address: Optional[str]) -> None:
+    import ray
+
+    total = ray.cluster_resources()
+    need = sweep.spec.resources
+    if need.gpu > 0 and total.get("GPU", 0) == 0:
+        raise TokbenchError(
+            f"{sweep.path}: resources.gpu={need.gpu:g} per trial, but the cluster "
+            f"{'at ' + address if address else 'on this machine'} has no GPU; set resources.gpu=0"
+        )
+    if need.cpu > total.get("CPU", 0):
+        raise TokbenchError(
+            f"{sweep.path}: resources.cpu={need.cpu:g} per trial, but the cluster has {total.get('CPU', 0):g} CPUs"
+        )
+
+
+def _warm_caches(sweep: Sweep) -> None:
+    """Build the dataset cache once on every node, before any trial starts there."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    trials = sweep.representative_trials()
+
+    @ray.remote(num_cpus=1)
+    def warm(sweep: Sweep, trials: list[dict]) -> int:
+        from tokbench.data.prepare import prepare_dataset
+
+        seen = set()
+        for trial in trials:
+            cfg = sweep.trial_config(trial)
+            key = repr((cfg.dataset, cfg.split))
+            if key not in seen:
+                seen.add(key)
+                prepare_dataset(cfg.dataset, cfg.split)
+        return len(seen)
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
+    refs = [
+        warm.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(sweep, trials)
+        for node in nodes
+    ]
+    ray.get(refs)
+
+
+def _experiment_dir(root: Path, sweep: Sweep, name: Optional[str], resume: bool) -> Path:
+    if name:
+        return root / name
+    if resume:
+        candidates = sorted(
+            (p for p in root.glob(f"{sweep.spec.name}-*") if (p / "tokbench_sweep.json").exists()),
+            key=lambda p: p.stat().st_mtime,
+        )
+        if not candidates:
+            raise TokbenchError(f"--resume: no sweep named {sweep.spec.name}-* in {root}; pass --name of the sweep to continue")
+        return candidates[-1]
+    return root / f"{sweep.spec.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+def run_sweep(
+    path: str | Path,
+    *,
+    address: Optional[str] = None,
+    name: Optional[str] = None,
+    resume: bool = False,
+    num_cpus: Optional[int] = None,
+    trainable=None,
+    verbose: int = 1,
+) -> pd.DataFrame:
+    """Run the sweep in ``path``; return the leaderboard. All validation happens first."""
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    from tokbench.sweep.mlflow_callback import MlflowSweepCallback
+    from tokbench.sweep.report import leaderboard, print_leaderboard
+    from tokbench.trainable import TokbenchTrainable
+
+    sweep = load_sweep(path)
+    dry_run(sweep)  # every trial config is valid before anything starts
+    root = storage_root(sweep)
+    exp_dir = _experiment_dir(root, sweep, name, resume)
+    state = SweepState.load(exp_dir)
+    if resume:
+        if state is None or not tune.Tuner.can_restore(str(exp_dir)):
+            raise TokbenchError(f"--resume: {exp_dir} holds no tokbench sweep to continue")
+        if state.doc["sweep_hash"] != sweep.sweep_hash:
+            raise TokbenchError(
+                f"--resume: {exp_dir} was started from a different sweep file "
+                f"({state.doc['sweep_file']}); resume it with that file unchanged"
+            )
+    elif state is not None:
+        raise TokbenchError(f"{exp_dir} holds a sweep already; continue it with --resume --name {exp_dir.name}")
+    uri = resolve_tracking_uri(sweep.spec.tracking.uri)
+
+    _connect(address, num_cpus)
+    _check_resources(sweep, address)
+
+    if state is None:
+        sweep_id = exp_dir.name
+        parent = RunLogger(uri, sweep.experiment_name, run_name=sweep_id, tags={"sweep_id": sweep_id, "tokbench.kind": "sweep"})
+        state = SweepState(
+            exp_dir,
+            {"sweep_id": sweep_id, "sweep_hash": sweep.sweep_hash, "sweep_file": str(sweep.path),
+             "parent_run_id": parent.run_id, "tracking_uri": uri, "experiment": sweep.experiment_name},
+        )
+        state.save()
+        parent.log_params({"sweep_file": str(sweep.path), "n_trials": sweep.n_trials(),
+                           "scheduler": sweep.spec.scheduler.name, "search": sweep.spec.search.algorithm})
+        _log_text(parent, "sweep.yaml", sweep.text)
+        _log_text(parent, "trials.txt", dry_run(sweep))
+    else:
+        parent = RunLogger(uri, sweep.experiment_name, run_id=state.doc["parent_run_id"])
+
+    log.info("sweep %s: %d trials, results in %s, tracking %s", state.doc["sweep_id"], sweep.n_trials(), exp_dir, uri)
+    trainable = trainable or TokbenchTrainable
+    resources = {"cpu": sweep.spec.resources.cpu, "gpu": sweep.spec.resources.gpu}
+    wrapped = tune.with_resources(tune.with_parameters(trainable, sweep=sweep), resources)
+    try:
+        _warm_caches(sweep)
+        if resume:
+            # The run config, our callback included, is restored from the experiment directory.
+            tuner = tune.Tuner.restore(str(exp_dir), trainable=wrapped, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                wrapped,
+                param_space=_param_space(sweep),
+                tune_config=_tune_config(sweep),
+                run_config=tune.RunConfig(
+                    name=exp_dir.name,
+                    storage_path=str(root),
+                    callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), MlflowSweepCallback(sweep, exp_dir, uri)],
+                    failure_config=tune.FailureConfig(max_failures=sweep.spec.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, num_to_keep=2, checkpoint_at_end=True),
+                    verbose=verbose,
+                ),
+            )
+        tuner.fit()
+    except BaseException:
+        parent.end("KILLED")
+        raise
+    state = SweepState.load(exp_dir)
+    board = leaderboard(state)
+    _log_text(parent, "leaderboard.csv", board.to_csv(index=False))
+    parent.log_metrics({"trials": len(state.doc["trials"]), "epochs_run": int(board["epochs_run"].sum()) if len(board) else 0})
+    parent.end("FINISHED")
+    print_leaderboard(board, state)
+    return board
+
+
+def _log_text(logger: RunLogger, name: str, text: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(text)
+        logger.log_artifacts([path])
+
+
+def _sampler(spec: dict, grid: bool):
+    from ray import tune
+
+    kind, args = next(iter(spec.items()))
+    if kind == "choice":
+        return tune.grid_search(list(args)) if grid else tune.choice(list(args))
+    return {"loguniform": tune.loguniform, "uniform": tune.uniform, "randint": tune.randint}[kind](*args)
+
+
+def _param_space(sweep: Sweep) -> dict:
+    from ray import tune
+    from omegaconf import OmegaConf
+
+    spec = sweep.spec
+    params = {k: _sampler(v, spec.search.algorithm == "grid") for k, v in OmegaConf.to_container(spec.params).items()}
+    if spec.search.algorithm == "optuna":
+        return {"combination": 0, "seed": int(spec.seeds[0]), "params": params}
+    return {
+        "combination": tune.grid_search(list(range(len(sweep.combinations)))),
+        "seed": tune.grid_search([int(s) for s in spec.seeds]),
+        "params": params,
+    }
+
+
+def _tune_config(sweep: Sweep):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    spec = sweep.spec
+    max_epochs = spec.max_epochs or sweep.trial_config({"combination": 0, "seed": spec.seeds[0], "params": {}}).trainer.max_epochs
+    scheduler = None
+    if spec.scheduler.name == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            metric=spec.scheduler.metric,
+            mode=spec.scheduler.mode,
+            max_t=int(max_epochs),
+            grace_period=int(spec.scheduler.grace_period),
+            reduction_factor=float(spec.scheduler.reduction_factor),
+        )
+    search_alg = None
+    if spec.search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(metric=spec.scheduler.metric, mode=spec.scheduler.mode, seed=int(spec.seeds[0]))
+    metric_mode = {} if scheduler or search_alg else {"metric": spec.scheduler.metric, "mode": spec.scheduler.mode}
+    return tune.TuneConfig(
+        scheduler=scheduler,
+        search_alg=search_alg,
+        num_samples=int(spec.search.num_samples),
+        max_concurrent_trials=int(spec.max_concurrent) or None,
+        **metric_mode,
+    )
+
