@@ -29,6 +29,7 @@ pytestmark = pytest.mark.slow
 def cluster():
     """A head node without CPUs and two one-CPU worker nodes: trials must spread."""
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # this in-process cluster is not the token-auth test
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 80 * 1024**2, "include_dashboard": False})
     for _ in range(2):
         c.add_node(num_cpus=1, object_store_memory=80 * 1024**2)
@@ -79,7 +80,7 @@ def mlflow_runs(tmp_path: Path):
 
 def test_sweep_spreads_over_nodes_asha_stops_and_mlflow_has_one_child_per_trial(cluster, tiny_atlas, tmp_path):
     board = run_sweep(write_sweep(tmp_path, tiny_atlas), verbose=0)
-    state = SweepState.load(next((tmp_path / "results").iterdir()))
+    state = SweepState.load(next(p for p in (tmp_path / "results").iterdir() if p.is_dir()))
     trials = state.doc["trials"]
     assert len(trials) == 5
     assert len({t["node_id"] for t in trials.values()}) == 2
@@ -123,7 +124,7 @@ def test_a_crashed_trial_is_retried_from_its_checkpoint(cluster, tiny_atlas, tmp
     CrashOnce.marker = str(marker)
     run_sweep(path, trainable=CrashOnce, verbose=0)
     assert marker.exists()
-    state = SweepState.load(next((tmp_path / "results").iterdir()))
+    state = SweepState.load(next(p for p in (tmp_path / "results").iterdir() if p.is_dir()))
     (trial,) = state.doc["trials"].values()
     assert trial["end_state"] == "completed"
     assert [h["epoch"] for h in trial["history"]] == [1, 2, 3]  # epoch 3 resumed after the crash, not rerun from 1

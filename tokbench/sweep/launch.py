@@ -103,7 +103,7 @@ def _experiment_dir(root: Path, sweep: Sweep, name: Optional[str], resume: bool)
         return root / name
     if resume:
         candidates = sorted(
-            (p for p in root.glob(f"{sweep.spec.name}-*") if (p / "tokbench_sweep.json").exists()),
+            (p for p in root.glob(f"{sweep.spec.name}-*") if p.is_dir() and SweepState.load(p) is not None),
             key=lambda p: p.stat().st_mtime,
         )
         if not candidates:

@@ -9,21 +9,29 @@ import os
 import uuid
 from pathlib import Path
 
-STATE_FILE = "tokbench_sweep.json"
+STATE_SUFFIX = ".tokbench.json"
+
+
+def state_path(experiment_dir: Path) -> Path:
+    """``<storage>/<sweep>.tokbench.json``, beside (not inside) Ray's experiment directory:
+    Ray syncs its own staging copy of that directory over the storage copy, which would
+    overwrite a file kept inside it."""
+    experiment_dir = Path(experiment_dir)
+    return experiment_dir.parent / f"{experiment_dir.name}{STATE_SUFFIX}"
 
 
 class SweepState:
     """A small JSON document rewritten atomically on every change."""
 
     def __init__(self, directory: Path, doc: dict):
-        self.path = Path(directory) / STATE_FILE
+        self.path = state_path(directory)
         self.doc = doc
         self.doc.setdefault("trials", {})
 
     @classmethod
     def load(cls, directory: Path) -> "SweepState | None":
         """The state in ``directory``, or None when there is none."""
-        path = Path(directory) / STATE_FILE
+        path = state_path(directory)
         if not path.exists():
             return None
         return cls(directory, json.loads(path.read_text()))

@@ -52,27 +52,27 @@ def scgpt_bins(
     if entries.shape[1] == 0 or width == 0:
         return torch.zeros_like(entries)
     ordered = kernels.sort_rows(value_keys)
-    sorted_bits = ordered >> 32
     columns = torch.arange(width, device=value_keys.device)
-    # Rank range of each sorted place's value: first and last place of its run of ties.
+    # Runs of equal values in sorted order, numbered from 1; start[r] is the first sorted
+    # place of run r, so a value of run r has r_lo = start[r] and r_hi = start[r + 1].
+    value_bits = ordered >> 32
     new_run = torch.ones_like(ordered, dtype=torch.bool)
-    new_run[:, 1:] = sorted_bits[:, 1:] != sorted_bits[:, :-1]
-    run_start = torch.where(new_run, columns, 0).cummax(dim=1).values
-    run_ends = torch.ones_like(new_run)
-    run_ends[:, :-1] = new_run[:, 1:]
-    run_last = torch.where(run_ends, columns, width - 1).flip(1).cummin(dim=1).values.flip(1)
-    # Sorted place of each entry, then the ranks of the requested entries.
-    place = torch.zeros(n_entries, dtype=torch.int64, device=value_keys.device)
-    place.scatter_(0, (ordered & 0xFFFFFFFF).view(-1), columns.expand(batch, width).reshape(-1))
-    at = place.index_select(0, entries.reshape(-1)).view(entries.shape)
-    r_lo = run_start.gather(1, at)
-    r_hi = run_last.gather(1, at) + 1
-    n = n_expressed.to(torch.int64)[:, None]
-    spread = (n - 1).clamp(min=1).to(torch.float64)
-    # floor(a / b) of integers below 2**53 in float64 is exact (no quotient rounds onto an
-    # integer it does not equal) and much faster than int64 division.
-    left = torch.where(n > 1, ((r_hi - 1) * m / spread).floor_().to(torch.int64), m) + 1
-    right = torch.where(r_lo > 0, ((r_lo * m - 1) / spread).floor_().to(torch.int64) + 1, 0)
+    torch.ne(value_bits[:, 1:], value_bits[:, :-1], out=new_run[:, 1:])
+    run = new_run.cumsum(1)
+    start = torch.full((batch, width + 3), width, dtype=torch.int64, device=value_keys.device)
+    start.scatter_(1, torch.where(new_run, run, width + 2), columns.expand(batch, width))
+    run_of_entry = torch.zeros(n_entries, dtype=torch.int64, device=value_keys.device)
+    run_of_entry.scatter_(0, (ordered & 0xFFFFFFFF).view(-1), run.view(-1))
+    run_at = run_of_entry.index_select(0, entries.reshape(-1)).view(entries.shape)
+    r_lo = start.gather(1, run_at).to(torch.float64)
+    r_hi = start.gather(1, run_at + 1).to(torch.float64)
+    # In float64: every product is an exact integer and one correctly rounded division of
+    # exact integers floors/ceils exactly (much faster than int64 division). A cell with
+    # one value (n = 1) has every edge equal to it: left = m + 1, right = 0.
+    n = n_expressed.to(torch.float64)[:, None]
+    spread = (n - 1).clamp(min=1)
+    left = ((r_hi - 1) * m / spread).floor_() + torch.where(n > 1, 1.0, m + 1.0)
+    right = (r_lo * m / spread).ceil_()
     # digits = ceil(left - r*(left-right)) with r uniform in [0, 1): uniform on right+1..left.
-    draw = (kernels.top_bits(tie_bits, 31) * (left - right)) >> 31
-    return left - draw
+    draw = (kernels.uniform(tie_bits) * (left - right)).floor_()
+    return (left - draw).to(torch.int64)

@@ -114,7 +114,9 @@ COMPONENTS: dict[str, dict[str, Component]] = {
     "fe": {
         "zero": Component("no expression vector (expression acts via order/selection)"),
         "linear": Component("w*x + b"),
-        "mlp": Component("Linear(1,hidden) > GELU > Linear(hidden,d_model)", {"hidden": (None, "width (default d_model)")}),
+        "mlp": Component(
+            "Linear(1,hidden) > GELU > Linear(hidden,d_model)", {"hidden": (None, "width (default d_model)")}
+        ),
         "bin_scbert": Component("integer part of x, capped at n_bins, embedded", {"n_bins": (7, "cap B")}),
         "bin_scgpt": Component(
             "per-cell quantile bins of the nonzero values, embedded + LayerNorm",

@@ -21,7 +21,9 @@ Semantics, exactly:
   replacement (inverse CDF, a gene may appear several times, always side by side under a
   deterministic order) or without (Efraimidis-Spirakis keys ``-log(u)/x``). Cells with
   fewer expressed genes than ``size`` keep all of them (without replacement).
-- Orders: ``expression`` descending (ties: lower gene index first; with
+- Ties between equal ranks always go to the entry stored first in the row (the lower gene
+  index, as the rows of a PreparedData are sorted).
+- Orders: ``expression`` descending (with
   ``normalize_by_median`` the key is ``expm1(x) / expm1(median_g)``, Geneformer's
   normalised counts over the gene's median nonzero training value; genes never expressed
   in training use the median over genes); ``random``; ``gene_index`` ascending; ``none``
@@ -98,7 +100,7 @@ def chromosome_layout(chromosome: np.ndarray, start: np.ndarray, gene_ids: np.nd
     genomic_rank[np.lexsort((np.arange(len(start)), np.where(placed, start, 0), group))] = np.arange(len(start))
     if len(start) >= 1 << _RANK_BITS or len(names) >= (1 << (31 - _RANK_BITS)) - 1:
         raise TokbenchError(f"chromosome order supports < {1 << _RANK_BITS} genes and < 127 chromosomes")
-    return ChromosomeLayout(names, int(np.unique(group[placed]).size), group, genomic_rank)
+    return ChromosomeLayout(names, len(index), group, genomic_rank)
 
 
 class SentenceBuilder:
@@ -121,8 +123,6 @@ class SentenceBuilder:
         gene_keep: np.ndarray | None = None,
         bins: tuple[str, int] | None = None,
     ):
-        if size < 1:
-            raise TokbenchError(f"fc.select.size must be >= 1 (got {size})")
         if order == "chromosome" and layout is None:
             raise ValueError("chromosome order needs a ChromosomeLayout")
         self.order, self.select, self.size, self.resample = order, select, int(size), bool(resample)
@@ -250,32 +250,35 @@ class SentenceBuilder:
             rank = (-torch.log(u) / batch.value[:-1].to(torch.float64)).to(torch.float32).view(torch.int32)
             entry, real = _smallest(batch.dense(_compose(rank.to(torch.int64), batch.valid, batch.entries)), size)
 
-        # Order the chosen entries; the column j in the low bits keeps duplicates side by side.
+        # Order the chosen entries. Ties go to the earlier entry, as on the truncate path, so
+        # a cell's sentence does not depend on which path its batch took; repeated draws of
+        # one entry are equal keys and end up side by side.
         rows = torch.arange(len(entry), device=batch.device)[:, None]
         rank = self._order_rank(batch, _take(batch.gene, entry), _take(batch.value, entry), entry, epoch, rows)
-        columns = torch.arange(entry.shape[1], device=batch.device)
-        picked = kernels.sort_rows(_compose(rank, real, columns)) & _LOW32
-        return entry.gather(1, picked), real.gather(1, picked)
+        return _smallest(_compose(rank, real, entry), entry.shape[1])
 
     def _draw(self, batch: "_Batch", epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``size`` draws with replacement per cell, p ~ value, by inverse CDF (in CSR order)."""
+        """``size`` draws with replacement per cell, p ~ value, by inverse CDF (in CSR order).
+
+        Weights are fixed point (value * 2**20, at least 1 for an expressed gene), so the
+        prefix sums are exact integers: a cell's draws cannot depend on the rows before it
+        in the batch, as floating-point prefix sums would.
+        """
         size, device, n_cells = self.size, batch.device, len(batch.cells)
-        weight = batch.value[:-1].to(torch.float64)
+        weight = (batch.value[:-1].to(torch.float64) * (1 << 20)).round_().to(torch.int64).clamp_(min=1)
         if batch.valid is not None:
-            weight = torch.where(batch.valid, weight, 0.0)
+            weight = torch.where(batch.valid, weight, 0)
         cumulative = torch.cat([weight.new_zeros(1), weight.cumsum(0)])
         row_start = cumulative[batch.starts]
-        row_end = cumulative[batch.starts + batch.lengths]
+        total = cumulative[batch.starts + batch.lengths] - row_start
         # Sorted uniforms from exponential spacings, so the flat search sees sorted queries.
         draws = torch.arange(size + 1, device=device).expand(n_cells, -1)
         bits = kernels.item_bits(self._cell_keys(kernels.STREAM_DRAW, epoch, batch.cells)[:, None], draws)
         spacing = (-torch.log(kernels.uniform(bits))).cumsum(1)
         u = spacing[:, :size] / spacing[:, size:]
-        target = row_start[:, None] + u * (row_end - row_start)[:, None]
+        offset = (u * total[:, None].to(torch.float64)).floor_().to(torch.int64)  # 0 .. total-1
+        target = row_start[:, None] + offset
         entry = kernels.searchsorted_right(cumulative[1:], target.reshape(-1)).view(n_cells, size)
-        # Rounding can push a draw past the row's last expressed entry: give it that entry.
-        last = batch.last_expressed()
-        entry = torch.minimum(entry, last[:, None])
         real = (batch.n_expressed > 0)[:, None].expand(n_cells, size)
         return torch.where(real, entry, batch.n_entries), real.contiguous()
 
@@ -319,7 +322,7 @@ class SentenceBuilder:
         tokens[:, 0] = CLS
         tokens.scatter_(1, at_gene, gene + N_SPECIAL)
         tokens.scatter_(1, torch.where(opens, position - 1, spill), N_SPECIAL + self.n_genes + group)
-        tokens.scatter_(1, torch.where(closes, position, spill), torch.full_like(group, CHROM_END))
+        tokens.scatter_(1, torch.where(closes, position + 1, spill), torch.full_like(group, CHROM_END))
         expression = torch.zeros(n_cells, length + 1, dtype=torch.float32, device=device)
         expression.scatter_(1, at_gene, value)
         out_bins = None
@@ -393,17 +396,9 @@ class _Batch:
         if self._dest is None:
             shift = torch.arange(len(self.lengths), device=self.device) * self.width - self.starts
             self._dest = self.entries + kernels.repeat(shift, self.lengths, self.n_entries)
-        block = torch.full((len(self.lengths) * self.width,), (_LAST << 32) | self.n_entries, dtype=torch.int64, device=self.device)
+        padding = (_LAST << 32) | self.n_entries
+        block = torch.full((len(self.lengths) * self.width,), padding, dtype=torch.int64, device=self.device)
         return block.scatter_(0, self._dest, flat).view(len(self.lengths), self.width)
-
-    def last_expressed(self) -> torch.Tensor:
-        """(B,) the last expressed entry of each row (the sentinel for rows without one)."""
-        if self.valid is None:
-            last = self.starts + self.lengths - 1
-            return torch.where(self.lengths > 0, last, self.n_entries)
-        marked = torch.where(self.valid, self.entries, -1)
-        last = torch.full_like(self.starts, -1).scatter_reduce_(0, self.row, marked, "amax")
-        return torch.where(last >= 0, last, self.n_entries)
 
 
 def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -121,11 +121,15 @@ def _read_torch(path: Path):
     for gene, vector in table.items():
         vector = torch.as_tensor(vector)
         if vector.ndim != 1:
-            raise TokbenchError(f"fg.path: {path}: the vector of {gene!r} has shape {tuple(vector.shape)}; expected 1-D")
+            raise TokbenchError(
+                f"fg.path: {path}: the vector of {gene!r} has shape {tuple(vector.shape)}; expected 1-D"
+            )
         if dim is None:
             dim = len(vector)
         elif len(vector) != dim:
-            raise TokbenchError(f"fg.path: {path}: the vector of {gene!r} has {len(vector)} values, the first had {dim}")
+            raise TokbenchError(
+                f"fg.path: {path}: the vector of {gene!r} has {len(vector)} values, the first had {dim}"
+            )
         ids.append(str(gene))
         rows.append(vector.to(torch.float32))
     vectors = torch.stack(rows).numpy() if rows else np.zeros((0, 0), np.float32)
@@ -167,10 +171,13 @@ def _read_table(path: Path, kind: str, gene_column: str | None):
     else:
         frame = pd.read_csv(path, sep="," if kind == "csv" else "\t")
     if frame.shape[1] < 2:
-        raise TokbenchError(f"fg.path: {path} has {frame.shape[1]} column(s); expected a gene column and vector columns")
+        raise TokbenchError(
+            f"fg.path: {path} has {frame.shape[1]} column(s); expected a gene column and vector columns"
+        )
     column = frame.columns[0] if gene_column is None else gene_column
     if column not in frame.columns:
-        raise TokbenchError(f"fg.gene_column={column!r} is not a column of {path}; columns: {', '.join(map(str, frame.columns[:10]))}")
+        shown = ", ".join(map(str, frame.columns[:10]))
+        raise TokbenchError(f"fg.gene_column={column!r} is not a column of {path}; columns: {shown}")
     values = frame.drop(columns=[column])
     text = [str(c) for c, dtype in values.dtypes.items() if not pd.api.types.is_numeric_dtype(dtype)]
     if text:
@@ -191,7 +198,9 @@ def _read_table(path: Path, kind: str, gene_column: str | None):
 
 def _read_npy(path: Path, gene_list: str | None):
     if gene_list is None:
-        raise TokbenchError(f"fg.gene_list: {path} is a .npy array; set fg.gene_list to a file with one gene id per line")
+        raise TokbenchError(
+            f"fg.gene_list: {path} is a .npy array; set fg.gene_list to a file with one gene id per line"
+        )
     genes = Path(gene_list).expanduser()
     if not genes.is_file():
         raise TokbenchError(f"fg.gene_list: gene list {genes} does not exist")

@@ -39,9 +39,19 @@ class CellTokenizer:
     ``genes_total`` (pretrained Fg; both ``n_genes`` otherwise).
     """
 
-    def __init__(self, *, data: PreparedData, builder: SentenceBuilder, embedder: encoders.CellEmbedder,
-                 vocab_size: int, n_expression_bins: int | None, tags: dict[str, str], params: dict[str, Any],
-                 gene_keep: np.ndarray | None, genes_mapped: int):
+    def __init__(
+        self,
+        *,
+        data: PreparedData,
+        builder: SentenceBuilder,
+        embedder: encoders.CellEmbedder,
+        vocab_size: int,
+        n_expression_bins: int | None,
+        tags: dict[str, str],
+        params: dict[str, Any],
+        gene_keep: np.ndarray | None,
+        genes_mapped: int,
+    ):
         self.data, self.builder, self.embedder = data, builder, embedder
         self.vocab_size, self.n_expression_bins = vocab_size, n_expression_bins
         self.max_length = builder.max_length
@@ -133,12 +143,10 @@ def build_tokenizer(fg, fe, fc, data: PreparedData, d_model: int, seed: int) -> 
     embedder = encoders.CellEmbedder(genes, expression, combine, d_model)
 
     fc_label = fc_cfg.name or "custom"
-    preset = fc_label
-    if fc_label in preset_names("fc"):
-        if OmegaConf.to_container(load_component("fc", fc_label)) != OmegaConf.to_container(fc_cfg):
-            preset = "custom"
-    else:
-        preset = "custom"
+    unchanged = fc_label in preset_names("fc") and (
+        OmegaConf.to_container(load_component("fc", fc_label)) == OmegaConf.to_container(fc_cfg)
+    )
+    preset = fc_label if unchanged else "custom"
     tags = {"fg": fg_name, "fe": fe_name, "fc": fc_label, "order": order, "select": select,
             "combine": combine, "preset": preset}
     params = {"fg.name": fg_name, "fe.name": fe_name, "fc.name": fc_label, "fc.order.name": order,
@@ -171,7 +179,9 @@ def _expression_encoder(name: str, params: dict, d_model: int):
         return encoders.BinnedExpression(n_bins + 2, d_model, layer_norm=False), ("scbert", n_bins), n_bins + 2
     if name == "bin_scgpt":
         if n_bins < 3:
-            raise TokbenchError(f"fe.n_bins must be >= 3 for bin_scgpt (zero bin + at least 2 quantile bins; got {n_bins})")
+            raise TokbenchError(
+                f"fe.n_bins must be >= 3 for bin_scgpt (zero bin + at least 2 quantile bins; got {n_bins})"
+            )
         return encoders.BinnedExpression(n_bins, d_model, layer_norm=True), ("scgpt", n_bins), n_bins
     if n_bins < 1:
         raise TokbenchError(f"fe.n_bins must be >= 1 for autobin (got {n_bins})")
@@ -183,7 +193,9 @@ def _median_factor(data: PreparedData) -> np.ndarray:
     median = np.asarray(data.gene_median_nonzero(), dtype=np.float64)
     known = np.isfinite(median) & (median > 0)
     if not known.any():
-        raise TokbenchError("fc.order.normalize_by_median needs training cells with expressed genes (split 'train' is empty)")
+        raise TokbenchError(
+            "fc.order.normalize_by_median needs training cells with expressed genes (split 'train' is empty)"
+        )
     median = np.where(known, median, np.median(median[known]))
     return (1.0 / np.expm1(median)).astype(np.float32)
 
@@ -242,7 +254,7 @@ def catalogue() -> str:
     for name in preset_names("fc"):
         cfg = load_component("fc", name)
         recipe = f"{cfg.select.name}:{cfg.select.size} > {cfg.order.name} > {cfg.combine.name}"
-        lines.append(f"    {name:<18}{recipe:<45}{preset_description('fc', name)}")
+        lines.append(f"    {name:<18}{recipe:<44} {preset_description('fc', name)}")
     lines.append(f"    fe=NAME: {', '.join(preset_names('fe'))};  fg=NAME: {', '.join(preset_names('fg'))}")
     lines.append("Token ids: PAD=0 CLS=1 MASK=2 CHROM_END=3, gene j = 4+j, chromosome group g = 4+n_genes+g.")
     return "\n".join(lines)
