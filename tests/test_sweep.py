@@ -171,3 +171,13 @@ def test_unwritable_storage_path_is_refused(tiny_atlas, tmp_path):
     blocked.write_text("")
     with pytest.raises(TokbenchError, match=r"storage_path .*file/results: not writable"):
         run_sweep(write_sweep(tmp_path, tiny_atlas, storage_path=str(blocked / "results")), verbose=0)
+
+
+@pytest.mark.parametrize("name", ["demo", "cross_tissue_tokenizers", "hparams_optuna"])
+def test_shipped_search_spaces_validate(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKBENCH_CACHE", str(tmp_path / "cache"))  # the embedded atlas is generated here
+    path = Path(__file__).resolve().parents[1] / "search_spaces" / f"{name}.yaml"
+    sweep = load_sweep(path)
+    report = dry_run(sweep)
+    expected = {"demo": 9, "cross_tissue_tokenizers": 123, "hparams_optuna": 24}[name]
+    assert sweep.n_trials() == expected and f"trials     {expected} =" in report

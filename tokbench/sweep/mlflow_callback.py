@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,7 @@ class MlflowSweepCallback(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         with _logging_failures(trial, "start"):
             self._logger(trial)
+            self.state.trial(trial.trial_id).setdefault("started_at", time.time())
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         with _logging_failures(trial, "result"):
@@ -116,6 +118,9 @@ class MlflowSweepCallback(tune.Callback):
         if epoch <= record.get("last_epoch", 0):
             return  # re-run of an epoch after a restore: already logged
         log_epoch(logger, {k: v for k, v in result.items() if isinstance(v, (int, float))})
+        if "startup_seconds" not in record and "started_at" in record:
+            # Trial start to first epoch result, minus the epoch itself: actor, data, model set-up.
+            record["startup_seconds"] = time.time() - record["started_at"] - float(result.get("epoch_seconds", 0.0))
         record["last_epoch"] = epoch
         record["epochs"] = epoch
         record["node_id"] = result.get("node_id")

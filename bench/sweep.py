@@ -1,0 +1,94 @@
+"""Wall time, trial start-up overhead and compute saved by ASHA for a sweep (default: the demo).
+
+    python bench/sweep.py                          # search_spaces/demo.yaml, 2 CPUs
+    python bench/sweep.py --sweep search_spaces/demo.yaml --num-cpus 2
+
+Runs the sweep twice in a temporary directory: as written (ASHA), then as a full grid
+(scheduler none, every trial to max_epochs). Reports (a) the ASHA sweep's wall time,
+(b) the median trial start-up overhead (trial start to first result, minus that epoch),
+(c) epochs run by ASHA against the full grid, and whether both pick the same best tokenizer
+(highest mean validation MCC, the metric ASHA sees; test MCC reported beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+
+def run(spec_path: Path, workdir: Path, num_cpus: int):
+    import ray
+
+    from tokbench.sweep.launch import run_sweep
+    from tokbench.sweep.state import SweepState
+
+    os.chdir(workdir)
+    started = time.perf_counter()
+    board = run_sweep(spec_path, num_cpus=num_cpus, verbose=0)
+    wall = time.perf_counter() - started
+    ray.shutdown()
+    exp_dir = next(p for p in (workdir / "ray_results").iterdir() if p.is_dir())
+    state = SweepState.load(exp_dir)
+    return board, wall, state
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", type=Path, default=Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml")
+    parser.add_argument("--num-cpus", type=int, default=2)
+    args = parser.parse_args()
+    spec = yaml.safe_load(args.sweep.read_text())
+    base_dir = args.sweep.resolve().parent
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        os.environ["TOKBENCH_CACHE"] = str(tmp / "cache")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        results = {}
+        for mode in ("asha", "full"):
+            workdir = tmp / mode
+            workdir.mkdir()
+            variant = dict(spec, scheduler={"name": "none"} if mode == "full" else spec.get("scheduler", {}))
+            base = dict(variant.get("base", {}))
+            experiment = base.get("experiment", "cross_tissue")
+            if experiment.endswith((".yaml", ".yml")) and not Path(experiment).is_absolute():
+                base["experiment"] = str(base_dir / experiment)
+            variant["base"] = base
+            path = workdir / "sweep.yaml"
+            path.write_text(yaml.safe_dump(variant))
+            results[mode] = run(path, workdir, args.num_cpus)
+
+    def best(board):
+        top = board.sort_values("val_mcc_mean", ascending=False).iloc[0]
+        return top["tokenizer"], top["val_mcc_mean"], top["test_mcc_mean"]
+
+    asha_board, asha_wall, asha_state = results["asha"]
+    full_board, full_wall, _ = results["full"]
+    startups = sorted(t["startup_seconds"] for t in asha_state.doc["trials"].values() if "startup_seconds" in t)
+    median = startups[len(startups) // 2] if startups else float("nan")
+    asha_epochs, full_epochs = int(asha_board["epochs_run"].sum()), int(full_board["epochs_run"].sum())
+    asha_best, full_best = best(asha_board), best(full_board)
+    rows = [
+        ("sweep", f"{args.sweep.name}: {len(asha_state.doc['trials'])} trials, {args.num_cpus} CPUs"),
+        ("(a) wall time, ASHA", f"{asha_wall:.0f} s (full grid: {full_wall:.0f} s)"),
+        ("(b) trial start-up, median", f"{median:.1f} s (min {startups[0]:.1f}, max {startups[-1]:.1f})" if startups else "n/a"),
+        ("(c) epochs, ASHA / full grid", f"{asha_epochs} / {full_epochs} = {asha_epochs / max(full_epochs, 1):.0%}"),
+        ("    trials stopped by ASHA", str(int(asha_board["stopped_early"].sum()))),
+        ("    best, ASHA", f"{asha_best[0]} (val MCC {asha_best[1]:.3f}, test MCC {asha_best[2]:.3f})"),
+        ("    best, full grid", f"{full_best[0]} (val MCC {full_best[1]:.3f}, test MCC {full_best[2]:.3f})"),
+        ("    same winner", "yes" if asha_best[0] == full_best[0] else "no"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print()
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
