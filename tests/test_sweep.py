@@ -181,3 +181,22 @@ def test_shipped_search_spaces_validate(name, tmp_path, monkeypatch):
     report = dry_run(sweep)
     expected = {"demo": 9, "cross_tissue_tokenizers": 123, "hparams_optuna": 24}[name]
     assert sweep.n_trials() == expected and f"trials     {expected} =" in report
+
+
+def test_unreachable_cluster_address_is_refused(tiny_atlas, tmp_path):
+    with pytest.raises(TokbenchError, match=r"--address 127.0.0.1:1: no Ray head node answers there"):
+        run_sweep(write_sweep(tmp_path, tiny_atlas), address="127.0.0.1:1", verbose=0)
+
+
+def test_resume_refuses_a_directory_without_a_sweep_or_another_sweep_file(tiny_atlas, tmp_path):
+    path = write_sweep(tmp_path, tiny_atlas)
+    with pytest.raises(TokbenchError, match=r"--resume: no sweep named tiny-\* in"):
+        run_sweep(path, resume=True, verbose=0)
+    with pytest.raises(TokbenchError, match=r"--resume: .*/elsewhere holds no tokbench sweep to continue"):
+        run_sweep(path, resume=True, name="elsewhere", verbose=0)
+    exp_dir = tmp_path / "results" / "done"
+    exp_dir.mkdir(parents=True)
+    SweepState(exp_dir, {"sweep_hash": "0" * 16, "sweep_file": "/old/sweep.yaml"}).save()
+    (exp_dir / "tuner.pkl").write_bytes(b"")
+    with pytest.raises(TokbenchError, match=r"was started from a different sweep file \(/old/sweep.yaml\)"):
+        run_sweep(path, resume=True, name="done", verbose=0)

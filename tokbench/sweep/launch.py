@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 import time
 import uuid
@@ -42,6 +43,8 @@ def _connect(address: Optional[str], cpus: Optional[int]) -> None:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if ray.is_initialized():
         return
+    if address and address != "auto":
+        _probe(address)
     try:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
@@ -51,6 +54,19 @@ def _connect(address: Optional[str], cpus: Optional[int]) -> None:
         raise TokbenchError(
             f"no Ray cluster reachable at {address!r} ({str(exc).splitlines()[0]}); start one with "
             f"`ray start --head` (or scripts/cluster.sh up), or omit --address to run on this machine"
+        ) from exc
+
+
+def _probe(address: str) -> None:
+    """Fail fast, with the address in the message, when nothing listens at HOST:PORT."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            return
+    except (OSError, ValueError) as exc:
+        raise TokbenchError(
+            f"--address {address}: no Ray head node answers there ({exc}); start one with "
+            "`ray start --head` (or scripts/cluster.sh up) and pass its HOST:PORT, or omit --address"
         ) from exc
 
 
