@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -23,24 +23,21 @@ from tokbench.data.prepared import PreparedData
 from tokbench.errors import TokbenchError
 from tokbench.training.config import BaselineConfig, resolve_device, validate_baseline_config
 from tokbench.training.loop import (
-    CHECKPOINT_FILE,
     BatchCallback,
     EarlyStopping,
-    atomic_save,
+    EpochRunner,
     check_splits,
     cpu_copy,
     epoch_batches,
-    load_checkpoint_file,
     rng_state,
     set_rng_state,
-    test_result,
 )
 from tokbench.training.metrics import AnnotationMetrics
 
 BASELINE_FORMAT = 1
 
 
-class LogisticRegressionBaseline:
+class LogisticRegressionBaseline(EpochRunner):
     """Multinomial logistic regression (one linear layer + softmax) over all genes.
 
     Inputs are the log-normalised values, densified one mini-batch at a time. The loss is
@@ -158,30 +155,6 @@ class LogisticRegressionBaseline:
             metrics.update(self.model(self._expression(batch)), y)
         return metrics.compute()
 
-    def fit(self, on_epoch: Optional[Callable[[dict], None]] = None) -> list[dict]:
-        """Call ``step()`` until it says stop; ``on_epoch`` gets each epoch's metrics. Returns the history."""
-        while not (self.history and self.history[-1]["should_stop"]):
-            result = self.step()
-            if on_epoch is not None:
-                on_epoch(result)
-        return self.history
-
-    def test(self) -> dict:
-        """Score the test split once with the best-validation weights; same keys as ``AnnotationTrainer.test()``."""
-        if self._test_result is not None:
-            return self._test_result
-        if self.best_state is None:
-            raise TokbenchError("no epoch has been trained yet: call step() or fit() before test()")
-        if len(self.test_cells) == 0:
-            raise TokbenchError("the test split is empty: no cell is assigned to 'test'; check the split settings")
-        self.model.load_state_dict(self.best_state)
-        self._test_result = self.evaluate_test()
-        return self._test_result
-
-    def evaluate_test(self) -> dict:
-        """Test metrics of the current weights (see ``AnnotationTrainer.evaluate_test``)."""
-        return test_result(self._evaluate(self.test_cells), self.class_names, self.stopper, self.cfg.track_metric)
-
     def state_dict(self) -> dict:
         """Weights, optimiser, epochs done, early stopping, best weights, history, RNG states."""
         return {
@@ -213,16 +186,6 @@ class LogisticRegressionBaseline:
         self.epoch = state["epoch"]
         self._test_result = None
         set_rng_state(state["rng"])
-
-    def save_checkpoint(self, directory: str | os.PathLike | None = None) -> Path:
-        """Write ``state_dict()`` atomically to ``directory/trainer.pt`` (default: ``run_dir``)."""
-        path = Path(directory if directory is not None else self.run_dir) / CHECKPOINT_FILE
-        atomic_save(self.state_dict(), path)
-        return path
-
-    def load_checkpoint(self, directory: str | os.PathLike | None = None) -> None:
-        """Restore from ``directory/trainer.pt`` (default: ``run_dir``)."""
-        self.load_state_dict(load_checkpoint_file(Path(directory if directory is not None else self.run_dir)))
 
 
 def run_baseline(data: PreparedData, cfg: BaselineConfig, run_dir: str | os.PathLike, *,

@@ -280,7 +280,61 @@ class _TokeniseBatch:
         return self.tokenizer.sentences(cells, self.epoch, "cpu"), torch.from_numpy(self.labels[cells])
 
 
-class AnnotationTrainer:
+class EpochRunner:
+    """What the transformer loop and the baseline share: ``fit``, the best-weights ``test``,
+    and checkpoint files. Subclasses provide ``step``, ``_evaluate``, ``state_dict`` and
+    ``load_state_dict`` and the attributes ``history``, ``best_state``, ``model``,
+    ``test_cells``, ``class_names``, ``stopper``, ``cfg``, ``run_dir``, ``_test_result``."""
+
+    def fit(self, on_epoch: Optional[Callable[[dict], None]] = None) -> list[dict]:
+        """Call ``step()`` until it says stop; ``on_epoch`` gets each epoch's metrics. Returns the history."""
+        while not (self.history and self.history[-1]["should_stop"]):
+            result = self.step()
+            if on_epoch is not None:
+                on_epoch(result)
+        return self.history
+
+    def test(self) -> dict:
+        """Score the test split once, with the weights of the best validation epoch.
+
+        The model keeps those weights afterwards and ``step()`` refuses to continue; a second
+        call returns the same result. Keys: ``test_accuracy``, ``test_macro_f1``,
+        ``test_mcc``, ``test_loss``, ``test_n_cells``, ``test_confusion_matrix`` (int64
+        numpy, rows true / columns predicted, class-id order), ``test_per_class_accuracy``
+        (float numpy, NaN where a class has no test cell), ``class_names`` (class-id order),
+        ``best_epoch``, ``best_val_<track_metric>``.
+        """
+        if self._test_result is not None:
+            return self._test_result
+        if self.best_state is None:
+            raise TokbenchError("no epoch has been trained yet: call step() or fit() before test()")
+        if len(self.test_cells) == 0:
+            raise TokbenchError("the test split is empty: no cell is assigned to 'test'; check the split settings")
+        self.model.load_state_dict(self.best_state)
+        self._test_result = self.evaluate_test()
+        return self._test_result
+
+    def evaluate_test(self) -> dict:
+        """Test metrics of the *current* weights, keyed as ``test()`` returns them.
+
+        A sweep calls this right after each new best validation epoch, so its last value is
+        the test score of the best weights even for a trial the scheduler stops early. The
+        test split never influences training or model selection.
+        """
+        return test_result(self._evaluate(self.test_cells), self.class_names, self.stopper, self.cfg.track_metric)
+
+    def save_checkpoint(self, directory: str | os.PathLike | None = None) -> Path:
+        """Write ``state_dict()`` atomically to ``directory/trainer.pt`` (default: ``run_dir``); return the path."""
+        path = Path(directory if directory is not None else self.run_dir) / CHECKPOINT_FILE
+        atomic_save(self.state_dict(), path)
+        return path
+
+    def load_checkpoint(self, directory: str | os.PathLike | None = None) -> None:
+        """Restore from ``directory/trainer.pt`` (default: ``run_dir``)."""
+        self.load_state_dict(load_checkpoint_file(Path(directory if directory is not None else self.run_dir)))
+
+
+class AnnotationTrainer(EpochRunner):
     """Trains a ``CellClassifier`` on one tokenizer and dataset; one epoch per ``step()``.
 
     ``run_dir`` is this run's own directory: checkpoints go there (or into the directory
@@ -448,44 +502,7 @@ class AnnotationTrainer:
             metrics.update(logits, labels)
         return metrics.compute()
 
-    def fit(self, on_epoch: Optional[Callable[[dict], None]] = None) -> list[dict]:
-        """Call ``step()`` until it says stop; ``on_epoch`` gets each epoch's metrics. Returns the history."""
-        while not (self.history and self.history[-1]["should_stop"]):
-            result = self.step()
-            if on_epoch is not None:
-                on_epoch(result)
-        return self.history
-
     # -- test ----------------------------------------------------------------------------
-
-    def test(self) -> dict:
-        """Score the test split once, with the weights of the best validation epoch.
-
-        The model keeps those weights afterwards and ``step()`` refuses to continue; a second
-        call returns the same result. Keys: ``test_accuracy``, ``test_macro_f1``,
-        ``test_mcc``, ``test_loss``, ``test_n_cells``, ``test_confusion_matrix`` (int64
-        numpy, rows true / columns predicted, class-id order), ``test_per_class_accuracy``
-        (float numpy, NaN where a class has no test cell), ``class_names`` (class-id order),
-        ``best_epoch``, ``best_val_<track_metric>``.
-        """
-        if self._test_result is not None:
-            return self._test_result
-        if self.best_state is None:
-            raise TokbenchError("no epoch has been trained yet: call step() or fit() before test()")
-        if len(self.test_cells) == 0:
-            raise TokbenchError("the test split is empty: no cell is assigned to 'test'; check the split settings")
-        self.model.load_state_dict(self.best_state)
-        self._test_result = self.evaluate_test()
-        return self._test_result
-
-    def evaluate_test(self) -> dict:
-        """Test metrics of the *current* weights, keyed as ``test()`` returns them.
-
-        A sweep calls this right after each new best validation epoch, so its last value is
-        the test score of the best weights even for a trial the scheduler stops early. The
-        test split never influences training or model selection.
-        """
-        return test_result(self._evaluate(self.test_cells), self.class_names, self.stopper, self.cfg.track_metric)
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -531,13 +548,3 @@ class AnnotationTrainer:
         self.epoch = state["epoch"]
         self._test_result = None
         set_rng_state(state["rng"])
-
-    def save_checkpoint(self, directory: str | os.PathLike | None = None) -> Path:
-        """Write ``state_dict()`` atomically to ``directory/trainer.pt`` (default: ``run_dir``); return the path."""
-        path = Path(directory if directory is not None else self.run_dir) / CHECKPOINT_FILE
-        atomic_save(self.state_dict(), path)
-        return path
-
-    def load_checkpoint(self, directory: str | os.PathLike | None = None) -> None:
-        """Restore from ``directory/trainer.pt`` (default: ``run_dir``)."""
-        self.load_state_dict(load_checkpoint_file(Path(directory if directory is not None else self.run_dir)))
