@@ -41,10 +41,10 @@ def _connect(address: Optional[str], cpus: Optional[int]) -> None:
 
     # Results go to MLflow and to Ray's CSV/JSON logs; TensorBoard files are not wanted.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    if ray.is_initialized():
-        return
     if address and address != "auto":
         _probe(address)
+    if ray.is_initialized():
+        return
     try:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
