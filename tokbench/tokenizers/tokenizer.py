@@ -100,6 +100,17 @@ class CellTokenizer:
 
 
 def build_tokenizer(fg, fe, fc, data: PreparedData, d_model: int, seed: int) -> CellTokenizer:
+    """Build the tokenizer of ``fg``/``fe``/``fc`` for ``data`` (see :func:`_build_tokenizer`).
+
+    The embedder's initial weights are a function of ``seed`` alone (not of whatever used
+    the global torch RNG before), and the global RNG is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build_tokenizer(fg, fe, fc, data, d_model, seed)
+
+
+def _build_tokenizer(fg, fe, fc, data: PreparedData, d_model: int, seed: int) -> CellTokenizer:
     """Build the tokenizer named by three configs (``FgConfig``/``FeConfig``/``FcConfig``,
     ``DictConfig`` or dict) for ``data``, with token vectors of size ``d_model``.
 
