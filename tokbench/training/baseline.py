@@ -27,7 +27,6 @@ from tokbench.training.loop import (
     EarlyStopping,
     EpochRunner,
     check_splits,
-    cpu_copy,
     epoch_batches,
     rng_state,
     set_rng_state,
@@ -119,17 +118,7 @@ class LogisticRegressionBaseline(EpochRunner):
         train_seconds = max(time.perf_counter() - t_train, 1e-9)
 
         val = self._evaluate(self.val_cells)
-        self.epoch += 1
-        metric = cfg.track_metric
-        if self.stopper.update(self.epoch, val[metric]):
-            self.best_state = cpu_copy(model.state_dict())
-        result = {
-            "epoch": self.epoch,
-            "train_loss": float(loss_sum) / n_total,
-            "val_loss": val["loss"],
-            "val_accuracy": val["accuracy"],
-            "val_macro_f1": val["macro_f1"],
-            "val_mcc": val["mcc"],
+        return self._finish_epoch(val, float(loss_sum) / n_total, {
             "lr": cfg.lr,
             "cells_per_second": n_total / train_seconds,
             "tokens_per_second": float(self.cell_lengths[self.train_cells].sum()) / train_seconds,
@@ -137,12 +126,7 @@ class LogisticRegressionBaseline(EpochRunner):
             "epoch_seconds": time.perf_counter() - t_epoch,
             "padded_fraction": 0.0,
             "data_fraction": data_seconds / train_seconds,
-            f"best_val_{metric}": self.stopper.best_value,
-            "best_epoch": self.stopper.best_epoch,
-            "should_stop": self.stopper.should_stop or self.epoch >= cfg.max_epochs,
-        }
-        self.history.append(result)
-        return result
+        })
 
     @torch.inference_mode()
     def _evaluate(self, cells: np.ndarray) -> dict:

@@ -286,6 +286,28 @@ class EpochRunner:
     ``load_state_dict`` and the attributes ``history``, ``best_state``, ``model``,
     ``test_cells``, ``class_names``, ``stopper``, ``cfg``, ``run_dir``, ``_test_result``."""
 
+    def _finish_epoch(self, val: dict, train_loss: float, speed: dict) -> dict:
+        """Count the epoch, update early stopping (keeping the best weights) and return the
+        epoch's metrics (keys documented on ``AnnotationTrainer.step``), also kept in the history."""
+        self.epoch += 1
+        metric = self.cfg.track_metric
+        if self.stopper.update(self.epoch, val[metric]):
+            self.best_state = cpu_copy(self.model.state_dict())
+        result = {
+            "epoch": self.epoch,
+            "train_loss": train_loss,
+            "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"],
+            "val_macro_f1": val["macro_f1"],
+            "val_mcc": val["mcc"],
+            **speed,
+            f"best_val_{metric}": self.stopper.best_value,
+            "best_epoch": self.stopper.best_epoch,
+            "should_stop": self.stopper.should_stop or self.epoch >= self.cfg.max_epochs,
+        }
+        self.history.append(result)
+        return result
+
     def fit(self, on_epoch: Optional[Callable[[dict], None]] = None) -> list[dict]:
         """Call ``step()`` until it says stop; ``on_epoch`` gets each epoch's metrics. Returns the history."""
         while not (self.history and self.history[-1]["should_stop"]):
@@ -461,18 +483,8 @@ class AnnotationTrainer(EpochRunner):
         train_seconds = max(time.perf_counter() - t_train, 1e-9)
 
         val = self._evaluate(self.val_cells)
-        self.epoch += 1
-        metric = cfg.track_metric
-        if self.stopper.update(self.epoch, val[metric]):
-            self.best_state = cpu_copy(model.state_dict())
         pad = int(pad_tokens)
-        result = {
-            "epoch": self.epoch,
-            "train_loss": float(loss_sum) / n_total,
-            "val_loss": val["loss"],
-            "val_accuracy": val["accuracy"],
-            "val_macro_f1": val["macro_f1"],
-            "val_mcc": val["mcc"],
+        return self._finish_epoch(val, float(loss_sum) / n_total, {
             "lr": lr,
             "cells_per_second": n_total / train_seconds,
             "tokens_per_second": (all_tokens - pad) / train_seconds,
@@ -480,12 +492,7 @@ class AnnotationTrainer(EpochRunner):
             "epoch_seconds": time.perf_counter() - t_epoch,
             "padded_fraction": pad / max(all_tokens, 1),
             "data_fraction": data_seconds / train_seconds,
-            f"best_val_{metric}": self.stopper.best_value,
-            "best_epoch": self.stopper.best_epoch,
-            "should_stop": self.stopper.should_stop or self.epoch >= cfg.max_epochs,
-        }
-        self.history.append(result)
-        return result
+        })
 
     @torch.inference_mode()
     def _evaluate(self, cells: np.ndarray) -> dict:
