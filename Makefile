@@ -25,7 +25,9 @@ demo: $(BIN)/.installed
 	cd $(DEMO) && TOKBENCH_CACHE=$(CURDIR)/$(DEMO)/cache RAY_AUTH_MODE=disabled \
 		$(CURDIR)/$(BIN)/tokbench sweep $(CURDIR)/search_spaces/demo.yaml
 
+# The report page's tests run in Debian's headless chromium; installed here when missing.
 test: $(BIN)/.installed
+	bash scripts/install_chromium.sh
 	$(BIN)/python -m pytest
 
 clean:
