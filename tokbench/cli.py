@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -79,6 +80,22 @@ def _sweep(args: argparse.Namespace) -> None:
     run_sweep(args.file, address=args.address, name=args.name, resume=args.resume, num_cpus=args.num_cpus)
 
 
+def _report(args: argparse.Namespace) -> None:
+    from tokbench.report import build_report, watch
+
+    # An experiment name may hold slashes or spaces; the default directory name must not.
+    out = args.out or Path("report-" + re.sub(r"[^A-Za-z0-9._-]+", "_", args.sweep or args.experiment))
+
+    def build() -> Path:
+        return build_report(args.tracking_uri, out, sweep_id=args.sweep, experiment=args.experiment,
+                            refresh_seconds=args.watch)
+
+    if args.watch is None:
+        print(build())
+        return
+    watch(build, args.watch)
+
+
 def _tokenizers(args: argparse.Namespace) -> None:
     from tokbench.tokenizers import catalogue
 
@@ -140,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep (the latest, or --name)")
     sweep.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
     sweep.set_defaults(func=_sweep)
+
+    report = commands.add_parser("report", help="the tokenizer comparison page (HTML, CSV, figures) of a sweep or experiment")
+    which = report.add_mutually_exclusive_group(required=True)
+    which.add_argument("--sweep", metavar="SWEEP_ID", help="a sweep's id (its Ray experiment directory name, e.g. demo-20260101-120000)")
+    which.add_argument("--experiment", metavar="NAME", help="every run of an MLflow experiment")
+    report.add_argument("--tracking-uri", default="", help="sqlite:///PATH or http://HOST:PORT (default: sqlite:///<cwd>/mlflow.db)")
+    report.add_argument("--out", type=Path, help="output directory (default: report-<sweep id or experiment>)")
+    report.add_argument("--watch", type=float, metavar="SECONDS", help="rebuild every SECONDS until Ctrl-C, while a sweep runs")
+    report.set_defaults(func=_report)
 
     tokenizers = commands.add_parser("tokenizers", help="the catalogue of Fg, Fe, Fc parts and presets")
     tokenizers.set_defaults(func=_tokenizers)

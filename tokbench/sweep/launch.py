@@ -142,6 +142,7 @@ def run_sweep(
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
+    from tokbench.report import publish_sweep_report
     from tokbench.sweep.mlflow_callback import MlflowSweepCallback
     from tokbench.sweep.report import leaderboard, print_leaderboard
     from tokbench.trainable import TokbenchTrainable
@@ -215,6 +216,7 @@ def run_sweep(
     parent.log_metrics({"trials": len(state.doc["trials"]), "epochs_run": int(board["epochs_run"].sum()) if len(board) else 0})
     parent.end("FINISHED")
     print_leaderboard(board, state)
+    publish_sweep_report(uri, state.doc["sweep_id"], parent.run_id)  # never raises: the sweep is recorded
     return board
 
 

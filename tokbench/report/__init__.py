@@ -1,0 +1,11 @@
+"""``tokbench report``: the tokenizer comparison page of a sweep or an MLflow experiment.
+
+``collect`` reads runs from MLflow into tables, ``stats`` aggregates them (leaderboard,
+main effects, bootstrap comparisons), ``figures`` draws them, ``page`` renders the
+self-contained HTML from ``dashboards/`` and ``watch`` rebuilds it while a sweep runs.
+"""
+
+from tokbench.report.page import build_report, publish_sweep_report
+from tokbench.report.watch import watch
+
+__all__ = ["build_report", "publish_sweep_report", "watch"]
