@@ -19,10 +19,12 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 # The demo sweep: the embedded atlas is generated on first use; Ray results, the MLflow
-# database and the data cache all land under $(DEMO)/.
+# database and the data cache all land under $(DEMO)/, also in a shell that exports a
+# cluster's MLFLOW_TRACKING_URI and TOKBENCH_STORAGE_PATH.
 demo: $(BIN)/.installed
 	mkdir -p $(DEMO)
-	cd $(DEMO) && TOKBENCH_CACHE=$(CURDIR)/$(DEMO)/cache RAY_AUTH_MODE=disabled \
+	cd $(DEMO) && env -u MLFLOW_TRACKING_URI -u TOKBENCH_STORAGE_PATH \
+		TOKBENCH_CACHE=$(CURDIR)/$(DEMO)/cache RAY_AUTH_MODE=disabled \
 		$(CURDIR)/$(BIN)/tokbench sweep $(CURDIR)/search_spaces/demo.yaml
 
 # The report page's tests run in Debian's headless chromium; installed here when missing.

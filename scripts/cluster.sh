@@ -262,7 +262,8 @@ EOF
 
   # What every process of the cluster gets: the marker `down` finds it by, token
   # authentication, the environment's tools first on PATH (the job driver runs `tokbench`),
-  # and where docker/cluster_sweep.py points sweeps.
+  # and, as on the compose and Kubernetes nodes, where a sweep file that leaves tracking.uri
+  # and storage_path empty records its runs and results.
   local mlflow_uri=http://127.0.0.1:$mlflow_port dashboard=http://127.0.0.1:$dashboard_port
   local cluster_env=(env -u RAY_AUTH_TOKEN -u RAY_ADDRESS -u RAY_API_SERVER_ADDRESS "TOKBENCH_CLUSTER_ID=$CLUSTER_ID"
     RAY_AUTH_MODE=token "RAY_AUTH_TOKEN_PATH=$token_file" RAY_USAGE_STATS_ENABLED=0 "PATH=$bin:$PATH"
@@ -319,15 +320,16 @@ tokbench cluster up (state in $state)
   nodes                      head (no CPUs) + $workers worker(s) x $cpus CPU
   token                      $token_file
 
-Every client needs the token (and, for docker/cluster_sweep.py, the cluster's MLflow server
-and results folder):
+Every client needs the token. MLFLOW_TRACKING_URI and TOKBENCH_STORAGE_PATH name this
+cluster's MLflow server and results folder: a sweep file that leaves tracking.uri and
+storage_path empty records its runs there (submit_sweep.sh passes both to the job), and
+\`tokbench report\` reads from that server:
   export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$token_file MLFLOW_TRACKING_URI=$mlflow_uri TOKBENCH_STORAGE_PATH=$state/results
 
-Submit a sweep, logging to this MLflow server (cluster_sweep.py writes a copy of the sweep
-file with tracking.uri and storage_path set from those variables):
-  scripts/submit_sweep.sh "\$(.venv/bin/python docker/cluster_sweep.py search_spaces/demo.yaml)" --address $dashboard
+Submit a sweep, logging to this MLflow server:
+  scripts/submit_sweep.sh search_spaces/demo.yaml --address $dashboard
 or, as the nodes run this checkout's environment, with no upload:
-  ray job submit --address $dashboard -- tokbench sweep "\$(.venv/bin/python docker/cluster_sweep.py search_spaces/demo.yaml)" --address auto
+  ray job submit --address $dashboard --runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": "$mlflow_uri", "TOKBENCH_STORAGE_PATH": "$state/results"}}' -- tokbench sweep "$repo/search_spaces/demo.yaml" --address auto
 Follow it:  ray job logs -f <submission id> --address $dashboard
 Status:     scripts/cluster.sh status      Stop: scripts/cluster.sh down
 EOF

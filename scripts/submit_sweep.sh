@@ -20,6 +20,12 @@
 #   RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token
 #                    where the token is looked for, in Ray's order
 #   TOKBENCH_CACHE   forwarded to the job when set
+#   MLFLOW_TRACKING_URI, TOKBENCH_STORAGE_PATH
+#                    forwarded to the job when set: where a sweep file that leaves
+#                    tracking.uri and storage_path empty records its runs and results. They
+#                    take the place of the values the cluster's nodes set themselves, so they
+#                    must name a server and a shared path as seen from the cluster; leave them
+#                    unset to use the nodes' own.
 set -euo pipefail
 
 usage="usage: $(basename "$0") SEARCH_SPACE.yaml [--address http://HOST:8265] [-- extra tokbench sweep args]"
@@ -128,9 +134,12 @@ else
 fi
 
 env_vars=""
-if [[ -n ${TOKBENCH_CACHE:-} ]]; then
-  env_vars="$(json_string TOKBENCH_CACHE): $(json_string "$TOKBENCH_CACHE")"
-fi
+forwarded=""
+for name in TOKBENCH_CACHE MLFLOW_TRACKING_URI TOKBENCH_STORAGE_PATH; do
+  [[ -n ${!name:-} ]] || continue
+  env_vars+="${env_vars:+, }$(json_string "$name"): $(json_string "${!name}")"
+  forwarded+="${forwarded:+ }$name=${!name}"
+done
 # Patterns are gitignore-style, relative to the repository.
 excludes='".venv", ".git", "/demo", "ray_results", "mlruns", "/runs", "/cache", "__pycache__",
   ".pytest_cache", ".hypothesis", "*.egg-info", "mlflow.db", "/test-artifacts", "/bench/out"'
@@ -154,7 +163,8 @@ client_env=""
 [[ $RAY_AUTH_MODE != token ]] || client_env="RAY_AUTH_MODE=token "
 cat <<EOF
 submitted $submission_id to $address
-  runs:    ${entrypoint[*]}
+  runs:    ${entrypoint[*]}${forwarded:+
+  with:    $forwarded}
   follow:  ${client_env}ray job logs -f $submission_id --address $address
   status:  ${client_env}ray job status $submission_id --address $address
   stop:    ${client_env}ray job stop $submission_id --address $address

@@ -15,6 +15,18 @@ import scipy.sparse as sp
 SYMBOLS = ["CD3E", "MS4A1", "CD14", "LYZ", "XIST", "GAPDH", "ACTB", "NKG7", "CD8A", "FCGR3A", "PTPRC", "CD19"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_tracking_or_storage_from_the_environment():
+    # An empty tracking.uri / storage_path falls back to these; a developer's own values
+    # would send test runs to their MLflow server and results folder. Session-wide, so the
+    # module-scoped Ray clusters (and the job drivers they start) never see them either;
+    # a test that wants them sets them with monkeypatch.setenv.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.delenv("TOKBENCH_STORAGE_PATH", raising=False)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _propagate_tokbench_logs():
     # The CLI configures handlers; in tests records must reach caplog.

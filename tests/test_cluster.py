@@ -120,16 +120,23 @@ def client_env(cluster: dict) -> dict:
     return env
 
 
+def printed_command(cluster: dict, start: str) -> list[str]:
+    """The words of the command line `up` prints that starts with ``start``."""
+    return shlex.split(next(line.strip() for line in cluster["up"].stdout.splitlines() if line.strip().startswith(start)))
+
+
 def test_up_prints_the_addresses_and_how_to_submit(cluster):
     out, ports, state = cluster["up"].stdout, cluster["ports"], cluster["state"]
     print(f"cluster.sh up: {cluster['up_seconds']:.0f} s")
     assert f"http://127.0.0.1:{ports['dashboard']}" in out
     assert f"MLflow UI, tracking URI    http://127.0.0.1:{ports['mlflow']}" in out
     assert f"127.0.0.1:{ports['ray']}" in out
-    assert f"scripts/submit_sweep.sh \"$(.venv/bin/python docker/cluster_sweep.py search_spaces/demo.yaml)\" --address http://127.0.0.1:{ports['dashboard']}" in out
+    assert f"scripts/submit_sweep.sh search_spaces/demo.yaml --address http://127.0.0.1:{ports['dashboard']}" in out
     assert f"ray job logs -f <submission id> --address http://127.0.0.1:{ports['dashboard']}" in out
     env = client_env(cluster)
     assert env["RAY_AUTH_MODE"] == "token" and Path(env["RAY_AUTH_TOKEN_PATH"]) == state / "auth_token"
+    assert env["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{ports['mlflow']}"
+    assert env["TOKBENCH_STORAGE_PATH"] == str(state / "results")
     assert oct((state / "auth_token").stat().st_mode & 0o777) == "0o600"
     # The job server takes that token, and only that token.
     token = (state / "auth_token").read_text().strip()
@@ -140,17 +147,21 @@ def test_up_prints_the_addresses_and_how_to_submit(cluster):
 def test_a_submitted_sweep_runs_on_the_workers_and_lands_in_the_mlflow_server(cluster, tiny_atlas, tmp_path):
     env = client_env(cluster)
     dashboard = f"http://127.0.0.1:{cluster['ports']['dashboard']}"
+    # Like the shipped sweep files, it leaves tracking.uri and storage_path empty: the job's
+    # MLFLOW_TRACKING_URI and TOKBENCH_STORAGE_PATH decide where it lands.
     sweep = write_sweep(tmp_path, tiny_atlas, grid={"fc": ["geneformer", "scgpt"]}, baseline=False,
                         scheduler={"name": "none"}, max_epochs=2,
                         tracking={"uri": "", "experiment": "tiny"}, storage_path="")
-    # As `up` says: a copy of the sweep file pointed at the cluster's MLflow server and results.
-    pointed = subprocess.run([str(BIN / "python"), str(REPO / "docker" / "cluster_sweep.py"), str(sweep)], env=env,
-                             capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    # The no-upload line `up` prints, for this sweep file, with an id to follow it by.
+    command = printed_command(cluster, "ray job submit ")
+    runtime_env = json.loads(command[command.index("--runtime-env-json") + 1])
+    assert runtime_env == {"env_vars": {"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"],
+                                        "TOKBENCH_STORAGE_PATH": env["TOKBENCH_STORAGE_PATH"]}}
+    assert command[command.index("--"):] == ["--", "tokbench", "sweep", str(REPO / "search_spaces" / "demo.yaml"), "--address", "auto"]
     submission_id = f"tokbench-test-{os.getpid()}"
-    submit = subprocess.run([str(BIN / "ray"), "job", "submit", "--no-wait", "--address", dashboard,
-                             "--submission-id", submission_id, "--", "tokbench", "sweep", pointed,
-                             "--address", "auto", "--name", "tiny"],
-                            env=env, capture_output=True, text=True, timeout=120)
+    command[command.index(str(REPO / "search_spaces" / "demo.yaml"))] = str(sweep)
+    command[command.index("--"):command.index("--")] = ["--no-wait", "--submission-id", submission_id]
+    submit = subprocess.run([*command, "--name", "tiny"], env=env, capture_output=True, text=True, timeout=120)
     assert submit.returncode == 0, submit.stdout + submit.stderr
 
     token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()

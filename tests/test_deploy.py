@@ -9,7 +9,6 @@ Ray's own config validation) and against each other (ports, names, secrets, path
 from __future__ import annotations
 
 import copy
-import fnmatch
 import json
 import os
 import re
@@ -315,9 +314,11 @@ def test_raycluster_rayjob_and_mlflow_fit_together():
     assert 0 <= gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] >= 1
     assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
-    assert "tokbench sweep" in job["spec"]["entrypoint"] and "--address auto" in job["spec"]["entrypoint"]
-    sweep_file = re.search(r"search_spaces/\S+\.yaml", job["spec"]["entrypoint"]).group(0)
-    assert (REPO / sweep_file).is_file()
+    # The shipped sweep file as it is, from the image's working directory: the pods'
+    # MLFLOW_TRACKING_URI and TOKBENCH_STORAGE_PATH (checked below) fill in what it leaves empty.
+    workdir = next(args for keyword, args in instructions(DOCKER / "Dockerfile") if keyword == "WORKDIR")
+    assert job["spec"]["entrypoint"] == f"cd {workdir} && tokbench sweep search_spaces/cross_tissue_tokenizers.yaml --address auto"
+    assert (REPO / "search_spaces" / "cross_tissue_tokenizers.yaml").is_file()
     submitter_env = {e["name"]: e for e in job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["env"]}
     assert submitter_env["RAY_AUTH_MODE"]["value"] == "token"
     assert submitter_env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": spec["authOptions"]["secretName"], "key": "auth_token"}
@@ -354,6 +355,9 @@ def test_cluster_launcher_config_passes_rays_validation():
     assert config["provider"]["type"] == "local"
     assert "tokbench" in config["docker"]["image"]
     assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    # Where a sweep file that leaves tracking.uri and storage_path empty records its runs.
+    assert "--env TOKBENCH_STORAGE_PATH=/home/ray/results" in config["docker"]["run_options"]
+    assert any(o.startswith("--env MLFLOW_TRACKING_URI=http://") for o in config["docker"]["run_options"])
     assert config["file_mounts"] == {"/home/ray/.ray/auth_token": "~/.ray/auth_token"}
     broken = copy.deepcopy(config)
     broken["worker_start_ray_comands"] = broken.pop("worker_start_ray_commands")
@@ -361,38 +365,57 @@ def test_cluster_launcher_config_passes_rays_validation():
         validate_config(prepare_config(broken))
 
 
-# --- docker/cluster_sweep.py -------------------------------------------------------------
+# --- The environment the cluster nodes set ---------------------------------------------
+# Every node of these clusters sets MLFLOW_TRACKING_URI and TOKBENCH_STORAGE_PATH; tokbench
+# reads them where a sweep file leaves tracking.uri and storage_path empty.
+
+SHIPPED_SWEEP = REPO / "search_spaces" / "cross_tissue_tokenizers.yaml"
 
 
-def run_cluster_sweep(sweep: Path, **env) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "TOKBENCH_STORAGE_PATH")}
-    return subprocess.run([sys.executable, str(DOCKER / "cluster_sweep.py"), str(sweep)], env={**clean, **env},
-                          capture_output=True, text=True, timeout=60)
+def test_an_empty_tracking_uri_means_mlflow_tracking_uri_then_sqlite_in_the_cwd(tmp_path, monkeypatch):
+    from tokbench.tracking.mlflow_runs import resolve_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri("") == resolve_tracking_uri(None) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # set but empty: as unset
+    assert resolve_tracking_uri("") == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///store/runs.db")
+    assert resolve_tracking_uri("") == resolve_tracking_uri(None) == f"sqlite:///{tmp_path / 'store' / 'runs.db'}"
+    # A value given explicitly (a config's tracking.uri, --tracking-uri) wins over the variable.
+    assert resolve_tracking_uri(f"sqlite:///{tmp_path / 'own.db'}") == f"sqlite:///{tmp_path / 'own.db'}"
 
 
-def test_cluster_sweep_points_a_sweep_file_at_the_cluster(tmp_path):
+def test_a_bad_mlflow_tracking_uri_is_named_as_the_variable(tmp_path, monkeypatch):
+    from tokbench.errors import TokbenchError
+    from tokbench.report.collect import open_tracking
+    from tokbench.tracking.mlflow_runs import resolve_tracking_uri
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:./mlruns")
+    with pytest.raises(TokbenchError, match=r"^MLFLOW_TRACKING_URI='file:./mlruns': expected sqlite:///PATH or http"):
+        resolve_tracking_uri("")
+    # `tokbench report` without --tracking-uri reads the same store a sweep wrote to.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'cluster.db'}")
+    with pytest.raises(TokbenchError, match=rf"no MLflow database at {tmp_path / 'cluster.db'}"):
+        open_tracking("")
+
+
+def test_an_empty_storage_path_means_tokbench_storage_path_then_ray_results_in_the_cwd(tmp_path, monkeypatch):
+    from tokbench.errors import TokbenchError
+    from tokbench.sweep.launch import storage_root
     from tokbench.sweep.spec import load_sweep
 
-    storage = tmp_path / "results"
-    result = run_cluster_sweep(REPO / "search_spaces" / "cross_tissue_tokenizers.yaml",
-                               MLFLOW_TRACKING_URI="http://mlflow:5000", TOKBENCH_STORAGE_PATH=str(storage))
-    assert result.returncode == 0, result.stderr
-    copy_path = Path(result.stdout.strip())
-    assert copy_path == storage / "sweeps" / "cross_tissue_tokenizers.yaml"
-    original, derived = load_sweep(REPO / "search_spaces" / "cross_tissue_tokenizers.yaml"), load_sweep(copy_path)
-    assert derived.spec.tracking.uri == "http://mlflow:5000" and derived.spec.storage_path == str(storage)
-    assert derived.n_trials() == original.n_trials()
-    assert [c for c in derived.combinations] == [c for c in original.combinations]
+    sweep = load_sweep(SHIPPED_SWEEP)
+    assert sweep.spec.storage_path == "" and sweep.spec.tracking.uri == ""
+    monkeypatch.chdir(tmp_path)
+    assert storage_root(sweep) == tmp_path / "ray_results"
+    monkeypatch.setenv("TOKBENCH_STORAGE_PATH", str(tmp_path / "shared" / "results"))
+    assert storage_root(sweep) == tmp_path / "shared" / "results" and (tmp_path / "shared" / "results").is_dir()
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("TOKBENCH_STORAGE_PATH", str(tmp_path / "file" / "results"))
+    with pytest.raises(TokbenchError, match=r"^TOKBENCH_STORAGE_PATH .*file/results: not writable"):
+        storage_root(sweep)
+    # The sweep file's own storage_path wins over the variable.
+    sweep.spec.storage_path = str(tmp_path / "own")
+    assert storage_root(sweep) == tmp_path / "own"
 
-
-def test_cluster_sweep_keeps_what_the_file_sets_and_needs_the_environment(tmp_path):
-    sweep = tmp_path / "mine.yaml"
-    sweep.write_text(yaml.safe_dump({"name": "mine", "base": {"experiment": "base.yaml"},
-                                     "tracking": {"uri": "http://elsewhere:5000"}, "storage_path": str(tmp_path / "own")}))
-    result = run_cluster_sweep(sweep, MLFLOW_TRACKING_URI="http://mlflow:5000", TOKBENCH_STORAGE_PATH=str(tmp_path / "r"))
-    assert result.returncode == 0, result.stderr
-    derived = yaml.safe_load(Path(result.stdout.strip()).read_text())
-    assert derived["tracking"]["uri"] == "http://elsewhere:5000" and derived["storage_path"] == str(tmp_path / "own")
-    assert derived["base"]["experiment"] == str(tmp_path / "base.yaml")  # still found after the move
-    missing = run_cluster_sweep(sweep, MLFLOW_TRACKING_URI="http://mlflow:5000")
-    assert missing.returncode != 0 and "TOKBENCH_STORAGE_PATH not set" in missing.stderr

@@ -184,13 +184,20 @@ def submit(sweep: Path, address: str, env: dict, *extra: str) -> subprocess.Comp
 
 
 def test_submitted_sweep_runs_on_the_cluster_and_lands_in_mlflow(token_cluster, tiny_atlas, tmp_path):
+    # The sweep file leaves tracking.uri and storage_path empty; the nodes do not set
+    # MLFLOW_TRACKING_URI or TOKBENCH_STORAGE_PATH, so only the client's, forwarded, say where.
     sweep = write_sweep(tmp_path, tiny_atlas, grid={"fc": ["geneformer", "scgpt"]}, baseline=False,
-                        scheduler={"name": "none"}, max_epochs=2)
-    env = {**token_cluster["env"], "TOKBENCH_CACHE": str(tmp_path / "tokbench-cache")}
+                        scheduler={"name": "none"}, max_epochs=2,
+                        tracking={"uri": "", "experiment": "tiny"}, storage_path="")
+    forwarded = {"TOKBENCH_CACHE": str(tmp_path / "tokbench-cache"),
+                 "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                 "TOKBENCH_STORAGE_PATH": str(tmp_path / "results")}
+    env = {**token_cluster["env"], **forwarded}
     env.pop("RAY_AUTH_MODE")  # the script's default must be token
     result = submit(sweep, token_cluster["address"], env, "--", "--name", "submitted")
     assert result.returncode == 0, result.stderr
     submission_id = re.search(r"^submitted (\S+) to ", result.stdout, re.M).group(1)
+    assert f"with:    {' '.join(f'{k}={v}' for k, v in forwarded.items())}" in result.stdout
     assert f"ray job logs -f {submission_id} --address {token_cluster['address']}" in result.stdout
     assert "RAY_AUTH_MODE=token" in result.stdout
 
@@ -207,7 +214,7 @@ def test_submitted_sweep_runs_on_the_cluster_and_lands_in_mlflow(token_cluster, 
         pytest.fail(f"job {submission_id} is {job['status']}: {job.get('message')}\n{json.loads(logs)['logs'][-4000:]}")
 
     assert job["entrypoint"] == f"tokbench sweep {sweep} --address auto --name submitted"
-    assert job["runtime_env"]["env_vars"] == {"TOKBENCH_CACHE": str(tmp_path / "tokbench-cache")}
+    assert job["runtime_env"]["env_vars"] == forwarded
     _, parents, children = mlflow_runs(tmp_path)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 2

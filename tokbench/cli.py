@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     which = report.add_mutually_exclusive_group(required=True)
     which.add_argument("--sweep", metavar="SWEEP_ID", help="a sweep's id (its Ray experiment directory name, e.g. demo-20260101-120000)")
     which.add_argument("--experiment", metavar="NAME", help="every run of an MLflow experiment")
-    report.add_argument("--tracking-uri", default="", help="sqlite:///PATH or http://HOST:PORT (default: sqlite:///<cwd>/mlflow.db)")
+    report.add_argument("--tracking-uri", default="", help="sqlite:///PATH or http://HOST:PORT (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)")
     report.add_argument("--out", type=Path, help="output directory (default: report-<sweep id or experiment>)")
     report.add_argument("--watch", type=float, metavar="SECONDS", help="rebuild every SECONDS until Ctrl-C, while a sweep runs")
     report.set_defaults(func=_report)

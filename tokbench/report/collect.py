@@ -77,7 +77,8 @@ def open_tracking(uri: str | None):
         if not path.is_file():
             raise TokbenchError(
                 f"tracking URI {resolved}: no MLflow database at {path}; pass --tracking-uri of the store "
-                f"the sweep wrote to (its sweep file's tracking.uri, default sqlite:///<dir it ran in>/mlflow.db)"
+                f"the sweep wrote to (its sweep file's tracking.uri; when empty, the MLFLOW_TRACKING_URI it ran with, "
+                f"else sqlite:///<dir it ran in>/mlflow.db)"
             )
     return resolved, MlflowClient(tracking_uri=resolved)
 

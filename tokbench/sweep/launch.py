@@ -22,8 +22,17 @@ log = logging.getLogger("tokbench.sweep")
 
 
 def storage_root(sweep: Sweep) -> Path:
-    """The absolute, writable directory Ray writes results to."""
-    root = Path(sweep.spec.storage_path or "ray_results").expanduser()
+    """The absolute, writable directory Ray writes results to: the sweep file's
+    ``storage_path``; when empty, ``$TOKBENCH_STORAGE_PATH`` (set on every node by the
+    tokbench cluster manifests); when that is unset or empty too, ``<cwd>/ray_results``.
+    A relative path is taken against the current directory."""
+    if sweep.spec.storage_path:
+        source, path = "storage_path", sweep.spec.storage_path
+    elif os.environ.get("TOKBENCH_STORAGE_PATH"):
+        source, path = "TOKBENCH_STORAGE_PATH", os.environ["TOKBENCH_STORAGE_PATH"]
+    else:
+        source, path = "storage_path", "ray_results"
+    root = Path(path).expanduser()
     if not root.is_absolute():
         root = Path.cwd() / root
     try:
@@ -32,7 +41,7 @@ def storage_root(sweep: Sweep) -> Path:
         probe.touch()
         probe.unlink()
     except OSError as exc:
-        raise TokbenchError(f"storage_path {root}: not writable ({exc.strerror}); set storage_path to a writable directory") from exc
+        raise TokbenchError(f"{source} {root}: not writable ({exc.strerror}); set {source} to a writable directory") from exc
     return root
 
 
@@ -162,7 +171,8 @@ def run_sweep(
             )
     elif state is not None:
         raise TokbenchError(f"{exp_dir} holds a sweep already; continue it with --resume --name {exp_dir.name}")
-    uri = resolve_tracking_uri(sweep.spec.tracking.uri)
+    # A resumed sweep keeps logging where it started, whatever MLFLOW_TRACKING_URI says now.
+    uri = state.doc["tracking_uri"] if state is not None else resolve_tracking_uri(sweep.spec.tracking.uri)
 
     _connect(address, num_cpus)
     _check_resources(sweep, address)

@@ -23,8 +23,15 @@ A sweep file (``search_spaces/*.yaml``)::
     resources: {cpu: 1, gpu: 0.25}   # per trial; a GPU fraction lets small trials share one GPU
     max_concurrent: 0                # 0 = as many as the cluster fits
     max_failures: 2                  # retries of a crashed trial, each from its last checkpoint
-    tracking: {uri: "", experiment: ""}   # "" = sqlite:///<cwd>/mlflow.db, experiment = name
-    storage_path: ""                 # "" = <cwd>/ray_results (must be shared on a multi-node cluster)
+    tracking: {uri: "", experiment: ""}   # uri "" = $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db;
+                                          # experiment "" = name
+    storage_path: ""                 # "" = $TOKBENCH_STORAGE_PATH, else <cwd>/ray_results (must be
+                                     # storage every node mounts at that path on a multi-node cluster)
+
+The tokbench cluster manifests (docker/) set ``MLFLOW_TRACKING_URI`` and
+``TOKBENCH_STORAGE_PATH`` on every node, so a sweep file that leaves both empty runs
+unchanged on a laptop and on the cluster. The sweep hash (``--resume`` checks it) is of the
+file's text alone, so resume a sweep with the environment it started with.
 """
 
 from __future__ import annotations

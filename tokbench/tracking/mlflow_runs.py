@@ -20,11 +20,18 @@ _MAX_PARAM = 6000
 def resolve_tracking_uri(uri: str | None, base_dir: str | Path | None = None) -> str:
     """An absolute, reachable tracking URI.
 
-    ``""``/None → ``sqlite:///<base_dir or cwd>/mlflow.db``; a relative SQLite path is made
-    absolute against ``base_dir`` (trials run in their own working directories); an
-    ``http(s)://`` server is probed at ``/health`` and refused with a clear error when it
-    does not answer.
+    Which store: ``uri`` when it is given (a config's or sweep file's ``tracking.uri``,
+    ``tokbench report --tracking-uri``); when it is ``""``/None, the ``MLFLOW_TRACKING_URI``
+    environment variable (MLflow's own; the tokbench cluster manifests set it on every node);
+    when that is unset or empty too, ``sqlite:///<base_dir or cwd>/mlflow.db``. A relative
+    SQLite path is made absolute against ``base_dir`` (trials run in their own working
+    directories); an ``http(s)://`` server is probed at ``/health`` (5 s) and refused with a
+    clear error when it does not answer.
     """
+    where, unset = f"tracking.uri {uri!r}", "leave tracking.uri empty"
+    if not uri:
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        where, unset = f"MLFLOW_TRACKING_URI={uri!r}", "unset MLFLOW_TRACKING_URI"
     base = Path(base_dir or os.getcwd()).resolve()
     if not uri:
         return f"sqlite:///{base / 'mlflow.db'}"
@@ -32,9 +39,9 @@ def resolve_tracking_uri(uri: str | None, base_dir: str | Path | None = None) ->
         path = Path(uri[len("sqlite:///") :])
         path = path if path.is_absolute() else base / path
         if not path.parent.exists():
-            raise TokbenchError(f"tracking.uri {uri!r}: directory {path.parent} does not exist")
+            raise TokbenchError(f"{where}: directory {path.parent} does not exist")
         if not os.access(path.parent, os.W_OK):
-            raise TokbenchError(f"tracking.uri {uri!r}: directory {path.parent} is not writable")
+            raise TokbenchError(f"{where}: directory {path.parent} is not writable")
         return f"sqlite:///{path}"
     if uri.startswith(("http://", "https://")):
         try:
@@ -43,12 +50,12 @@ def resolve_tracking_uri(uri: str | None, base_dir: str | Path | None = None) ->
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise TokbenchError(
-                f"tracking.uri {uri!r}: MLflow server not reachable ({reason}); start one with "
+                f"{where}: MLflow server not reachable ({reason}); start one with "
                 f"`mlflow server --backend-store-uri sqlite:////abs/mlflow.db --host 127.0.0.1 --port 5000` "
-                f"or leave tracking.uri empty for a local SQLite file"
+                f"or {unset} for a local SQLite file"
             ) from exc
         return uri.rstrip("/")
-    raise TokbenchError(f"tracking.uri {uri!r}: expected sqlite:///PATH or http(s)://HOST:PORT")
+    raise TokbenchError(f"{where}: expected sqlite:///PATH or http(s)://HOST:PORT")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

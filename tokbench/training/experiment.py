@@ -44,7 +44,8 @@ TOKENIZER_PARTS = ("fg", "fe", "fc")
 
 @dataclass
 class TrackingConfig:
-    """Where runs are recorded. ``uri`` empty = ``sqlite:///<cwd>/mlflow.db``."""
+    """Where runs are recorded. ``uri`` empty = ``$MLFLOW_TRACKING_URI``, else
+    ``sqlite:///<cwd>/mlflow.db``."""
 
     enabled: bool = True
     uri: str = ""
