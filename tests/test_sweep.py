@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -179,7 +181,7 @@ def test_shipped_search_spaces_validate(name, tmp_path, monkeypatch):
     path = Path(__file__).resolve().parents[1] / "search_spaces" / f"{name}.yaml"
     sweep = load_sweep(path)
     report = dry_run(sweep)
-    expected = {"demo": 9, "cross_tissue_tokenizers": 123, "hparams_optuna": 24}[name]
+    expected = {"demo": 18, "cross_tissue_tokenizers": 123, "hparams_optuna": 24}[name]
     assert sweep.n_trials() == expected and f"trials     {expected} =" in report
 
 
@@ -200,3 +202,53 @@ def test_resume_refuses_a_directory_without_a_sweep_or_another_sweep_file(tiny_a
     (exp_dir / "tuner.pkl").write_bytes(b"")
     with pytest.raises(TokbenchError, match=r"was started from a different sweep file \(/old/sweep.yaml\)"):
         run_sweep(path, resume=True, name="done", verbose=0)
+
+
+class SlowEpochs(TokbenchTrainable):
+    """Each epoch takes at least a second, so a node can be lost while its trial runs."""
+
+    def step(self):
+        started = time.monotonic()
+        result = super().step()
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
+        return result
+
+
+def _kill_node_of_first_trial(cluster, results: Path, killed: dict) -> None:
+    """Wait until a trial has checkpointed an epoch, then kill the worker node it runs on."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for state_file in results.glob("*.tokbench.json") if results.exists() else []:
+            for trial_id, record in json.loads(state_file.read_text())["trials"].items():
+                node_id = record.get("node_id")
+                if record.get("last_epoch", 0) >= 1 and node_id:
+                    node = next(n for n in cluster.list_all_nodes() if n.node_id == node_id)
+                    killed.update(trial_id=trial_id, node_id=node_id, epoch=record["last_epoch"])
+                    cluster.remove_node(node, allow_graceful=False)
+                    return
+        time.sleep(0.1)
+
+
+def test_a_lost_node_sends_its_trials_to_other_nodes_from_their_checkpoints(cluster, tiny_atlas, tmp_path):
+    # Runs last in this module: it takes one worker node away (and adds a spare first).
+    cluster.add_node(num_cpus=1, object_store_memory=80 * 1024**2)
+    cluster.wait_for_nodes()
+    path = write_sweep(tmp_path, tiny_atlas, grid={"fe": ["zero", "linear"], "fc": ["geneformer"]},
+                       baseline=False, scheduler={"name": "none"}, max_epochs=4)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    killed: dict = {}
+    killer = threading.Thread(target=_kill_node_of_first_trial, args=(cluster, tmp_path / "results", killed), daemon=True)
+    killer.start()
+    run_sweep(path, trainable=SlowEpochs, verbose=0)
+    killer.join(timeout=5)
+    assert killed, "no trial reported an epoch: the node was never killed"
+    state = SweepState.load(next(p for p in (tmp_path / "results").iterdir() if p.is_dir()))
+    moved = state.doc["trials"][killed["trial_id"]]
+    assert moved["end_state"] == "completed" and moved["node_id"] != killed["node_id"]
+    assert [h["epoch"] for h in moved["history"]] == [1, 2, 3, 4]
+    for trial in state.doc["trials"].values():
+        assert trial["end_state"] == "completed" and trial["epochs"] == 4
+    client, _, children = mlflow_runs(tmp_path)
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    for child in children:
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_mcc")] == [1, 2, 3, 4]
