@@ -104,6 +104,29 @@ def test_sweep_spreads_over_nodes_asha_stops_and_mlflow_has_one_child_per_trial(
     assert row["test_mcc_mean"] == pytest.approx(baseline_run.data.metrics["final_test_mcc"])
 
 
+def test_asha_leaves_the_baseline_alone():
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from tokbench.sweep.scheduler import ReferenceExemptASHA
+
+    asha = ReferenceExemptASHA(exempt_combinations=[2], time_attr="training_iteration", metric="val_mcc", mode="max",
+                               max_t=4, grace_period=1, reduction_factor=2)
+    baseline, first, second = (SimpleNamespace(trial_id=t, config={"combination": c}) for t, c in (("b", 2), ("t0", 0), ("t1", 1)))
+    for trial in (baseline, first, second):
+        asha.on_trial_add(None, trial)
+    result = lambda epoch, mcc: {"training_iteration": epoch, "val_mcc": mcc}  # noqa: E731
+    # The baseline's strong first epoch is not recorded at the rung: a weaker tokenizer
+    # reaching it first still continues, and the next one is compared with that tokenizer.
+    assert asha.on_trial_result(None, baseline, result(1, 0.99)) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, first, result(1, 0.5)) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, second, result(1, 0.1)) == TrialScheduler.STOP
+    # Nor is the baseline ever stopped, not even at max_t: it ends itself.
+    assert asha.on_trial_result(None, baseline, result(4, 0.0)) == TrialScheduler.CONTINUE
+    asha.on_trial_complete(None, baseline, result(4, 0.0))
+
+
 class CrashOnce(TokbenchTrainable):
     """Raises once, after its second epoch, the first time it runs (marker file on disk)."""
 

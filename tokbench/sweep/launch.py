@@ -263,13 +263,15 @@ def _param_space(sweep: Sweep) -> dict:
 
 def _tune_config(sweep: Sweep):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+
+    from tokbench.sweep.scheduler import ReferenceExemptASHA
 
     spec = sweep.spec
     max_epochs = spec.max_epochs or sweep.trial_config({"combination": 0, "seed": spec.seeds[0], "params": {}}).trainer.max_epochs
     scheduler = None
     if spec.scheduler.name == "asha":
-        scheduler = ASHAScheduler(
+        scheduler = ReferenceExemptASHA(
+            exempt_combinations=[i for i, combo in enumerate(sweep.combinations) if combo["label"].startswith("baseline")],
             time_attr="training_iteration",
             metric=spec.scheduler.metric,
             mode=spec.scheduler.mode,
