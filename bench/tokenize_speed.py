@@ -6,29 +6,24 @@ binomial counts, batches of 256 cells. The timed step is exactly what a data-loa
 does per batch: ``tokenizer.sentences_from_csr`` (dense layout, selection, order, bins,
 padding). CPU figures use one thread; with CUDA the same batches are timed on the GPU.
 
-    python bench/tokenize.py [--batches 40] [--batch-size 256] [--presets geneformer scgpt]
+    python bench/tokenize_speed.py [--batches 16] [--batch-size 256] [--presets geneformer scgpt]
+
+(Not ``bench/tokenize.py``: run as a script, that name would shadow the standard library's
+``tokenize``, which numpy imports.)
 """
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
+import time
 
-# This file shares its name with the standard library's ``tokenize`` (imported by numpy
-# through ``inspect``); run as a script, its folder must not shadow it.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+import numpy as np
+import pandas as pd
+import torch
 
-import argparse  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-
-from tokbench.data.genes import gene_table  # noqa: E402
-from tokbench.data.prepared import PreparedData  # noqa: E402
-from tokbench.tokenizers import build_tokenizer, load_component  # noqa: E402
+from tokbench.data.genes import gene_table
+from tokbench.data.prepared import PreparedData
+from tokbench.tokenizers import build_tokenizer, load_component
 
 PRESET_FE = {
     "geneformer": "zero",
