@@ -271,7 +271,7 @@ def _tune_config(sweep: Sweep):
     scheduler = None
     if spec.scheduler.name == "asha":
         scheduler = ReferenceExemptASHA(
-            exempt_combinations=[i for i, combo in enumerate(sweep.combinations) if combo["label"].startswith("baseline")],
+            exempt_combinations=[i for i, combo in enumerate(sweep.combinations) if combo["baseline"]],
             time_attr="training_iteration",
             metric=spec.scheduler.metric,
             mode=spec.scheduler.mode,

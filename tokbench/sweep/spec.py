@@ -129,7 +129,9 @@ class Sweep:
     spec: DictConfig
     path: Path
     base: dict  # the base experiment file as a plain mapping (overrides apply per trial)
-    combinations: list[dict]  # {"label", "overrides"} per tokenizer combination
+    # {"label", "overrides", "baseline"} per tokenizer combination; "baseline" marks the
+    # logistic-regression reference (method=logreg), which ASHA leaves alone.
+    combinations: list[dict]
     text: str  # the sweep file as written
 
     @property
@@ -222,7 +224,9 @@ def _combination(entry: Any, index: int, path: Path) -> dict:
     if not isinstance(extra, list) or not all(isinstance(o, str) for o in extra):
         raise TokbenchError(f"{path}: combinations[{index}].overrides: expected a list of KEY=VALUE strings")
     label = entry.get("label") or "/".join(str(entry[p]) for p in TOKENIZER_PARTS if p in entry) or entry.get("method", "base")
-    return {"label": label + ("" if not extra else " " + " ".join(extra)), "overrides": overrides + extra}
+    overrides += extra
+    return {"label": label + ("" if not extra else " " + " ".join(extra)), "overrides": overrides,
+            "baseline": "method=logreg" in overrides}
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -267,9 +271,9 @@ def load_sweep(path: str | Path) -> Sweep:
     for i, entry in enumerate(OmegaConf.to_container(spec.combinations)):
         combos.append(_combination(entry, i, path))
     if spec.baseline:
-        combos.append({"label": "baseline:logreg", "overrides": ["method=logreg"]})
+        combos.append({"label": "baseline:logreg", "overrides": ["method=logreg"], "baseline": True})
     if not combos:
-        combos.append({"label": "base", "overrides": []})
+        combos.append({"label": "base", "overrides": [], "baseline": False})
 
     params = OmegaConf.to_container(spec.params)
     for key, value in params.items():
