@@ -7,6 +7,7 @@ does per batch: ``tokenizer.sentences_from_csr`` (dense layout, selection, order
 padding). CPU figures use one thread; with CUDA the same batches are timed on the GPU.
 
     python bench/tokenize_speed.py [--batches 16] [--batch-size 256] [--presets geneformer scgpt]
+                                   [--distinct-values]
 
 (Not ``bench/tokenize.py``: run as a script, that name would shadow the standard library's
 ``tokenize``, which numpy imports.)
@@ -88,15 +89,21 @@ def main() -> None:
     parser.add_argument("--genes", type=int, default=20_000)
     parser.add_argument("--expressed", type=int, default=2_000, help="mean expressed genes per cell")
     parser.add_argument("--presets", nargs="*", default=list(PRESET_FE))
+    parser.add_argument("--distinct-values", action="store_true",
+                        help="scale each value by a random factor in [0.5, 1.5): no two values of a cell are "
+                             "equal, unlike log-normalised counts (the worst case for bin_scgpt's ranks)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     batches = [synthetic_batch(rng, args.batch_size, args.genes, args.expressed) for _ in range(args.batches)]
+    if args.distinct_values:
+        batches = [(p, i, (v * rng.uniform(0.5, 1.5, len(v))).astype(np.float32)) for p, i, v in batches]
     data = synthetic_dataset(args.genes, *batches[0])
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     mean_nnz = np.mean([np.diff(b[0]).mean() for b in batches])
-    print(f"{args.genes} genes, {mean_nnz:.0f} expressed per cell, batches of {args.batch_size}; "
+    print(f"{args.genes} genes, {mean_nnz:.0f} expressed per cell"
+          + (" (every value distinct)" if args.distinct_values else "") + f", batches of {args.batch_size}; "
           f"CPU: 1 thread" + (f"; GPU: {torch.cuda.get_device_name()}" if "cuda" in devices else ""))
     print(f"{'preset':<20}{'fe':<12}{'max_length':>11}" + "".join(f"{d + ' cells/s':>16}" for d in devices))
     for preset in args.presets:

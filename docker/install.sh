@@ -51,4 +51,7 @@ print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
   "${pip_install[@]}" --constraint "$constraints" "${deps[@]}"
 else
   "${pip_install[@]}" --constraint "$constraints" "$project"
+  # Compile the tokenizer's CPU kernel into numba's cache beside the installed package, so
+  # trials on a fresh node load machine code instead of compiling it first.
+  (cd / && "$python" -c 'from tokbench.tokenizers.constructor import compile_kernels; compile_kernels()')
 fi

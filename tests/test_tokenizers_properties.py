@@ -290,3 +290,41 @@ def test_stored_zeros_and_dropped_genes_never_enter():
         cfg = FcConfig(order=OrderConfig(name="expression"), select=SelectConfig(name=select, size=4))
         s = build_tokenizer(FgConfig(), FeConfig(name="bin_scgpt"), cfg, data, 4, 0).sentences([0], 0)
         assert N_SPECIAL + 1 not in s.gene_tokens.tolist()[0]
+
+
+def long_rows(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR rows of 0 to 4,000 stored values over 6,000 genes: ties, stored zeros, a long tail."""
+    rng = np.random.default_rng(seed)
+    lengths = np.array([0, 1, 30, 47, 48, 200, 1_300, 2_500, 4_000])
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    indices = np.concatenate([np.sort(rng.choice(6_000, n, replace=False)) for n in lengths]).astype(np.int32)
+    values = np.where(rng.random(len(indices)) < 0.5, rng.integers(0, 6, len(indices)),
+                      rng.lognormal(0, 1, len(indices))).astype(np.float32)
+    return indptr, indices, values
+
+
+@pytest.mark.parametrize("order", ["expression", "random", "gene_index", "none"])
+@pytest.mark.parametrize("select", ["truncate", "sample"])
+def test_compiled_kernel_gives_the_array_path_sentences(order, select):
+    # Rows long enough for every radix-sort pass, sizes above and below the row lengths,
+    # Geneformer's median normalisation and genes a pretrained file lacks.
+    from tokbench.tokenizers.constructor import SentenceBuilder
+
+    indptr, indices, values = long_rows(7)
+    cells = np.arange(len(indptr) - 1, dtype=np.int64) * 1_000_003
+    rng = np.random.default_rng(1)
+    options = [{}, {"median_factor": rng.uniform(0.1, 3, 6_000).astype(np.float32)} if order == "expression"
+               else {"gene_keep": rng.random(6_000) < 0.8}]
+    for size in (40, 1_200, 5_000):
+        for bins in (None, ("scbert", 7), ("scgpt", 51)):
+            for extra in options:
+                builder = SentenceBuilder(order=order, select=select, size=size, n_genes=6_000, seed=3,
+                                          bins=bins, **extra)
+                assert builder._compiled_applies("cpu")
+                for epoch in (0, 1):
+                    fast = builder.build(indptr, indices, values, cells, epoch)
+                    with kernels.force_torch():
+                        reference = builder.build(indptr, indices, values, cells, epoch)
+                    for name in ("gene_tokens", "expression", "special", "padding_mask", "expression_bins"):
+                        a, b = getattr(fast, name), getattr(reference, name)
+                        assert (a is None and b is None) or torch.equal(a, b), (name, size, bins, extra.keys(), epoch)

@@ -96,7 +96,8 @@ def _check_resources(sweep: Sweep, address: Optional[str]) -> None:
 
 
 def _warm_caches(sweep: Sweep) -> None:
-    """Build the dataset cache once on every node, before any trial starts there."""
+    """Build the dataset cache and compile the tokenizer kernel once on every node, before any
+    trial starts there."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -105,6 +106,9 @@ def _warm_caches(sweep: Sweep) -> None:
     @ray.remote(num_cpus=1)
     def warm(sweep: Sweep, trials: list[dict]) -> int:
         from tokbench.data.prepare import prepare_dataset
+        from tokbench.tokenizers.constructor import compile_kernels
+
+        compile_kernels()
 
         seen = set()
         for trial in trials:

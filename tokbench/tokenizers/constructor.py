@@ -38,6 +38,9 @@ Semantics, exactly:
   is ``N_SPECIAL + n_genes + g`` (groups sorted by chromosome, the unplaced group last).
 - Random choices use the counter-based streams of :mod:`kernels`: a pure function of
   (seed, epoch, cell index, gene or draw number).
+
+On a CPU, every order but ``chromosome`` with ``truncate`` or ``sample`` runs through the
+compiled kernel of :mod:`compiled` instead, which builds the same sentences cell by cell.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ import torch
 
 from tokbench.data.genes import chromosome_rank
 from tokbench.errors import TokbenchError
-from tokbench.tokenizers import kernels
+from tokbench.tokenizers import compiled, kernels
 from tokbench.tokenizers.base import CHROM_END, CLS, N_SPECIAL, PAD, CellSentences
 from tokbench.tokenizers.binning import scbert_bins, scgpt_bins
 
@@ -204,6 +207,8 @@ class SentenceBuilder:
         ``cells`` are the global row indices (they seed the random choices); ``values`` are
         log-normalised (float32); ``indices`` are gene columns. Runs on ``device``.
         """
+        if self._compiled_applies(device):
+            return self._build_compiled(indptr, indices, values, cells, epoch)
         batch = _Batch.from_csr(indptr, indices, values, cells, torch.device(device),
                                 self._table("gene_keep", torch.device(device)))
         entry, real = self._choose(batch, epoch)
@@ -219,6 +224,47 @@ class SentenceBuilder:
                 value_keys = batch.dense(value_bits * (1 << 32) + batch.entries)
                 bins = scgpt_bins(value_keys, batch.n_entries + 1, batch.n_expressed, entry, tie_bits, n_bins)
         return self._assemble(gene, value, bins, real, self._count(batch))
+
+    def _compiled_applies(self, device) -> bool:
+        return (kernels.compiled_enabled(torch.device(device)) and self.order in compiled.ORDER_CODES
+                and self.select in ("truncate", "sample"))
+
+    def _build_compiled(self, indptr, indices, values, cells, epoch: int) -> CellSentences:
+        """The CPU kernel of :mod:`compiled`: the same sentences as the array path below."""
+        indptr = np.asarray(indptr, dtype=np.int64)
+        first, last = (int(indptr[0]), int(indptr[-1])) if len(indptr) > 1 else (0, 0)
+        indptr = indptr - first
+        indices = np.ascontiguousarray(np.asarray(indices)[first:last])
+        if indices.dtype not in (np.int32, np.int64):
+            indices = indices.astype(np.int64)
+        values = np.ascontiguousarray(np.asarray(values, dtype=np.float32)[first:last])
+        cells = np.ascontiguousarray(cells, dtype=np.int64)
+        keep = self._table("gene_keep", torch.device("cpu"))
+        keep = np.zeros(0, dtype=np.bool_) if keep is None else keep.numpy()
+        factor = self._table("median_factor", torch.device("cpu"))
+        order_values = values
+        if self.order == "expression" and factor is not None:
+            # The array path's float32 operations, on the same flat arrays.
+            value = torch.from_numpy(values)
+            order_values = (torch.expm1(value) * factor[torch.from_numpy(indices).to(torch.int64)]).numpy()
+        n_expressed = compiled.count_expressed(indptr, indices, values, keep)
+        count = np.minimum(n_expressed, self.size)
+        n_cells, length = len(cells), 1 + (int(count.max()) if len(cells) else 0)
+        kind, n_bins = self.bins if self.bins is not None else (None, 0)
+        tokens = np.empty((n_cells, length), dtype=np.int64)
+        expression = np.empty((n_cells, length), dtype=np.float32)
+        special = np.empty((n_cells, length), dtype=np.bool_)
+        padding = np.empty((n_cells, length), dtype=np.bool_)
+        bins = np.empty((n_cells, length) if kind else (0, 0), dtype=np.int64)
+        keys = [np.uint64(kernels.stream_key(self.seed, stream, epoch) & kernels.MASK64)
+                for stream in (kernels.STREAM_SELECT, kernels.STREAM_ORDER, kernels.STREAM_BIN)]
+        compiled.fill_sentences(
+            indptr, indices, values, np.ascontiguousarray(order_values).view(np.int32), keep, cells, n_expressed,
+            self.select == "sample", compiled.ORDER_CODES[self.order], self.size, *keys,
+            compiled.BIN_CODES[kind], n_bins, tokens, expression, special, padding, bins,
+        )
+        return CellSentences(torch.from_numpy(tokens), torch.from_numpy(expression), torch.from_numpy(special),
+                             torch.from_numpy(padding), torch.from_numpy(bins) if kind else None)
 
     def _count(self, batch: "_Batch") -> torch.Tensor:
         """Genes in each cell's sentence."""
@@ -417,3 +463,14 @@ def _smallest(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Entries (low 32 bits) of the ``k`` smallest keys of each row, and which are real."""
     keys = kernels.sort_rows(keys)[:, :k]
     return keys & _LOW32, keys < (_LAST << 32)
+
+
+def compile_kernels() -> None:
+    """Compile the CPU kernel of :mod:`compiled` now (or load it from numba's disk cache).
+
+    The first sentences of a process would otherwise pay for it; the sweep calls this once
+    per node before trials start, so trials load the cached machine code.
+    """
+    builder = SentenceBuilder(order="expression", select="truncate", size=1, n_genes=1, seed=0)
+    for indices in (np.zeros(1, dtype=np.int32), np.zeros(1, dtype=np.int64)):
+        builder.build(np.array([0, 1]), indices, np.ones(1, dtype=np.float32), np.zeros(1, dtype=np.int64), 0)

@@ -18,7 +18,7 @@ import contextlib
 import numpy as np
 import torch
 
-_MASK64 = (1 << 64) - 1
+MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _MUL1 = 0xBF58476D1CE4E5B9
 _MUL2 = 0x94D049BB133111EB
@@ -33,7 +33,8 @@ _use_numpy = True
 
 @contextlib.contextmanager
 def force_torch():
-    """Run the CPU kernels with torch operations (the GPU code path) inside the block."""
+    """Run the CPU kernels with torch operations (the GPU code path) inside the block, without
+    numpy or the compiled sentence builder of :mod:`compiled`."""
     global _use_numpy
     previous, _use_numpy = _use_numpy, False
     try:
@@ -42,21 +43,26 @@ def force_torch():
         _use_numpy = previous
 
 
+def compiled_enabled(device: torch.device) -> bool:
+    """Whether CPU work on ``device`` may use the numpy and compiled kernels."""
+    return _use_numpy and device.type == "cpu"
+
+
 def _numpy_ok(t: torch.Tensor) -> bool:
-    return _use_numpy and t.device.type == "cpu"
+    return compiled_enabled(t.device)
 
 
 def _signed(x: int) -> int:
     """A 64-bit pattern as the int64 value torch stores for it."""
-    x &= _MASK64
+    x &= MASK64
     return x - (1 << 64) if x >= 1 << 63 else x
 
 
 def mix64(x: int) -> int:
     """splitmix64's finaliser on one Python integer (a bijection on 64-bit patterns)."""
-    z = x & _MASK64
-    z = ((z ^ (z >> 30)) * _MUL1) & _MASK64
-    z = ((z ^ (z >> 27)) * _MUL2) & _MASK64
+    z = x & MASK64
+    z = ((z ^ (z >> 30)) * _MUL1) & MASK64
+    z = ((z ^ (z >> 27)) * _MUL2) & MASK64
     return z ^ (z >> 31)
 
 
@@ -92,7 +98,7 @@ def _mix_numpy(z: np.ndarray) -> np.ndarray:
 def cell_keys(key: int, cells: torch.Tensor) -> torch.Tensor:
     """Per-cell keys (int64 (B,)) of stream ``key`` for the global cell indices ``cells``."""
     if _numpy_ok(cells):
-        c = cells.numpy().astype(np.uint64) * np.uint64(_GOLDEN) + np.uint64(key & _MASK64)
+        c = cells.numpy().astype(np.uint64) * np.uint64(_GOLDEN) + np.uint64(key & MASK64)
         return torch.from_numpy(_mix_numpy(c).view(np.int64))
     return _mix_torch(cells.to(torch.int64) * _signed(_GOLDEN) + key)
 
