@@ -9,11 +9,15 @@ Runs the sweep twice in a temporary directory: as written (ASHA), then as a full
 (c) epochs run by ASHA against the full grid, and whether both pick the same best tokenizer:
 the highest mean validation MCC over seeds (what the sweep selects on; the baseline is the
 reference, not a candidate), and, beside it, the highest mean cross-tissue test MCC.
+
+With ``--keep DIR`` both runs stay in DIR; ``bench/asha_replay.py`` then replays other ASHA
+settings on the full grid's MLflow runs (``DIR/full/mlflow.db``) in seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -43,11 +47,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", type=Path, default=Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml")
     parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument("--keep", type=Path, help="run in this (new) directory and keep it: its full/mlflow.db "
+                        "is what bench/asha_replay.py replays other ASHA settings on")
     args = parser.parse_args()
     spec = yaml.safe_load(args.sweep.read_text())
     base_dir = args.sweep.resolve().parent
 
-    with tempfile.TemporaryDirectory() as tmp:
+    if args.keep:
+        args.keep.mkdir(parents=True)
+    with contextlib.nullcontext(str(args.keep.resolve())) if args.keep else tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         os.environ["TOKBENCH_CACHE"] = str(tmp / "cache")
         # Both runs log and store results in their own working directory, not a cluster's.
@@ -74,7 +82,7 @@ def main() -> None:
         return top["tokenizer"], top["val_mcc_mean"], top["test_mcc_mean"]
 
     asha_board, asha_wall, asha_state = results["asha"]
-    full_board, full_wall, _ = results["full"]
+    full_board, full_wall, full_state = results["full"]
     startups = sorted(t["startup_seconds"] for t in asha_state.doc["trials"].values() if "startup_seconds" in t)
     median = startups[len(startups) // 2] if startups else float("nan")
     asha_epochs, full_epochs = int(asha_board["epochs_run"].sum()), int(full_board["epochs_run"].sum())
@@ -92,6 +100,9 @@ def main() -> None:
         ("    best by test MCC, ASHA", f"{asha_test[0]} ({asha_test[2]:.3f})"),
         ("    best by test MCC, full grid", f"{full_test[0]} ({full_test[2]:.3f})"),
     ]
+    if args.keep:
+        rows.append(("full grid kept", f"--tracking-uri sqlite:///{args.keep.resolve() / 'full' / 'mlflow.db'} "
+                                       f"--sweep {full_state.doc['sweep_id']}"))
     width = max(len(k) for k, _ in rows)
     print()
     for key, value in rows:
