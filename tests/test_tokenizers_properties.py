@@ -328,3 +328,14 @@ def test_compiled_kernel_gives_the_array_path_sentences(order, select):
                     for name in ("gene_tokens", "expression", "special", "padding_mask", "expression_bins"):
                         a, b = getattr(fast, name), getattr(reference, name)
                         assert (a is None and b is None) or torch.equal(a, b), (name, size, bins, extra.keys(), epoch)
+
+
+@FEW_EXAMPLES
+@given(values=st.lists(st.integers(-5, 40), max_size=60), queries=st.lists(st.integers(-10, 50), max_size=40),
+       ascending=st.booleans())
+def test_compiled_searchsorted_equals_numpy(values, queries, ascending):
+    from tokbench.tokenizers import compiled
+
+    table = np.sort(np.array(values, dtype=np.int64))
+    wanted = np.array(sorted(queries) if ascending else queries, dtype=np.int64)
+    assert np.array_equal(compiled.searchsorted_right(table, wanted), np.searchsorted(table, wanted, side="right"))

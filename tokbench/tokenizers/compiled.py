@@ -240,3 +240,38 @@ def fill_sentences(
             padding[r, c] = True
             if bin_kind > 0:
                 bins[r, c] = 0
+
+
+@numba.njit(cache=True, nogil=True)
+def searchsorted_right(sorted_values, queries):
+    """``np.searchsorted(sorted_values, queries, side="right")``, fast for ascending queries.
+
+    Each search gallops forward from the previous answer when its query is not smaller than
+    the previous one (the inverse-CDF draws of ``weighted_sample`` come in ascending order),
+    so a sorted batch costs one pass over both arrays instead of a binary search per query
+    through a table far larger than the cache. Any order of queries gives the same result.
+    """
+    n = len(sorted_values)
+    out = np.empty(len(queries), dtype=np.int64)
+    at = 0
+    previous = queries[0] if len(queries) else 0
+    for i in range(len(queries)):
+        q = queries[i]
+        if q < previous:
+            at = 0
+        previous = q
+        # gallop: find hi with sorted_values[hi - 1] > q (or hi = n), then bisect [at, hi)
+        step, hi = 1, at
+        while hi < n and sorted_values[hi] <= q:
+            at = hi + 1
+            hi = at + step
+            step *= 2
+        hi = min(hi, n)
+        while at < hi:
+            mid = (at + hi) >> 1
+            if sorted_values[mid] <= q:
+                at = mid + 1
+            else:
+                hi = mid
+        out[i] = at
+    return out

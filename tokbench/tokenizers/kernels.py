@@ -18,6 +18,8 @@ import contextlib
 import numpy as np
 import torch
 
+from tokbench.tokenizers import compiled
+
 MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _MUL1 = 0xBF58476D1CE4E5B9
@@ -151,5 +153,6 @@ def repeat(values: torch.Tensor, counts: torch.Tensor, total: int) -> torch.Tens
 def searchsorted_right(sorted_values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     """For each query, the number of entries of the 1-D ``sorted_values`` that are <= it."""
     if _numpy_ok(queries):
-        return torch.from_numpy(np.searchsorted(sorted_values.numpy(), queries.numpy(), side="right"))
+        values = np.ascontiguousarray(sorted_values.numpy())
+        return torch.from_numpy(compiled.searchsorted_right(values, np.ascontiguousarray(queries.numpy())))
     return torch.searchsorted(sorted_values, queries, right=True)
