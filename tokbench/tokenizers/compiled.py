@@ -10,12 +10,13 @@ its bins straight into the output arrays. The scGPT bins need each value's rank 
 cell's values; log-normalised counts take few distinct values per cell, so the kernel
 counts them in a hash table and sorts only the distinct ones.
 
-It covers the orders ``expression``, ``random``, ``gene_index`` and ``none`` with the
-selections ``truncate`` and ``sample``, and the bins of ``bin_scbert`` and ``bin_scgpt``
-(the presets ``geneformer``, ``scgpt``, ``scbert`` and their variants). The result is the
-array path's, bit for bit: the random bits are the same splitmix64 counters of
-:mod:`kernels`, every rank is the same integer, and the scGPT bins use the same exact
-float64 operations in the same order. Tests compare both paths on random batches.
+It covers every order and selection of the catalogue and the bins of ``bin_scbert`` and
+``bin_scgpt``. The result is the array path's, bit for bit: the random bits are the same
+splitmix64 counters of :mod:`kernels`, every rank is the same integer (the ``chromosome``
+order's random group positions included), the scGPT bins use the same exact float64
+operations in the same order, and the only draws that need logarithms (``weighted_sample``'s
+Efraimidis-Spirakis keys and its exponential spacings) are computed by the caller with the
+array path's own torch operations. Tests compare both paths on random batches.
 """
 
 from __future__ import annotations
@@ -23,11 +24,15 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from tokbench.tokenizers.base import CLS, N_SPECIAL, PAD
+from tokbench.tokenizers.base import CHROM_END, CLS, N_SPECIAL, PAD
 
-ORDER_CODES = {"expression": 0, "random": 1, "gene_index": 2, "none": 3}
+ORDER_CODES = {"expression": 0, "random": 1, "gene_index": 2, "none": 3, "chromosome": 4}
 BIN_CODES = {None: 0, "scbert": 1, "scgpt": 2}
-_EXPRESSION, _RANDOM, _GENE_INDEX, _NONE = 0, 1, 2, 3
+SELECT_CODES = {"truncate": 0, "sample": 1, "weighted_sample": 2}  # weighted: without replacement
+RESAMPLE = 3  # weighted_sample with replacement
+_EXPRESSION, _RANDOM, _GENE_INDEX, _NONE, _CHROMOSOME = 0, 1, 2, 3, 4
+_SAMPLE, _WEIGHTED, _RESAMPLE = 1, 2, RESAMPLE
+_RANK_BITS = 24  # genomic rank bits of a chromosome-order rank, as in the array path
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MUL1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -93,6 +98,17 @@ def _sort_by_rank(rank, item, n, spare_rank, spare_item, count):
         item[:n] = src_item[:n]
 
 
+@numba.njit(inline="always")
+def _put_special(tokens, expression, special, padding, bins, has_bins, r, c, token):
+    """A special token (CLS, a chromosome's, CHROM_END) at row r, column c: no value, bin 0."""
+    tokens[r, c] = token
+    expression[r, c] = 0.0
+    special[r, c] = True
+    padding[r, c] = False
+    if has_bins:
+        bins[r, c] = 0
+
+
 @numba.njit(cache=True, nogil=True)
 def count_expressed(indptr, indices, values, keep):
     """Expressed genes (value > 0 and, when ``keep`` is not empty, ``keep[gene]``) per row."""
@@ -110,29 +126,42 @@ def count_expressed(indptr, indices, values, keep):
 
 @numba.njit(cache=True, nogil=True)
 def fill_sentences(
-    indptr, indices, values, order_bits, keep, cells, n_expressed,
-    sample, order, size, key_select, key_order, key_bin, bin_kind, n_bins,
+    indptr, indices, values, order_bits, select_bits, draw_u, weights, keep, cells, n_expressed,
+    select, order, size, keys, bin_kind, n_bins, group_of_gene, genomic_rank, n_placed, n_genes,
     tokens, expression, special, padding, bins,
 ):
-    """Write each row's sentence into the (B, T) outputs (see the module docs).
+    """Write each row's sentence into the (B, T) outputs; return the longest sentence.
 
     ``order_bits`` are the int32 bit patterns of the values the expression order ranks
-    (the values themselves, or Geneformer's median-normalised ones); ``keep`` is empty when
-    every gene may enter; the keys are the epoch's stream keys of :mod:`kernels` as uint64.
+    (the values themselves, or Geneformer's median-normalised ones). The array path's
+    floating-point draws come in computed by torch, so both paths share them bit for bit:
+    ``select_bits`` (weighted sampling without replacement) are the int32 patterns of each
+    entry's Efraimidis-Spirakis key, ``draw_u`` (B, size) the sorted uniforms and
+    ``weights`` the fixed-point weights of the inverse-CDF draws with replacement. ``keep``
+    is empty when every gene may enter; ``keys`` are the epoch's stream keys of
+    :mod:`kernels` (select, order, bin, chromosome) as uint64; ``group_of_gene`` and
+    ``genomic_rank`` are the chromosome layout (empty for other orders).
     """
     n_rows, length = tokens.shape
     value_bits = values.view(np.int32)
     use_keep = len(keep) > 0
+    key_select, key_order, key_bin, key_chromosome = keys[0], keys[1], keys[2], keys[3]
     width = 1
     for r in range(n_rows):
         width = max(width, indptr[r + 1] - indptr[r])
+    n_groups = n_placed + 1
+    capacity = max(width, size if select == _RESAMPLE else 0, n_groups)
     # Ranks are below 2**31 and items are places in a row: 32 bits halve the memory traffic.
-    rank = np.empty(width, dtype=np.int32)
-    item = np.empty(width, dtype=np.int32)
-    spare_rank = np.empty(width, dtype=np.int32)
-    spare_item = np.empty(width, dtype=np.int32)
+    rank = np.empty(capacity, dtype=np.int32)
+    item = np.empty(capacity, dtype=np.int32)
+    spare_rank = np.empty(capacity, dtype=np.int32)
+    spare_item = np.empty(capacity, dtype=np.int32)
     count = np.empty((_PASSES, _DIGITS), dtype=np.int32)
     chosen = np.zeros(width, dtype=np.bool_)
+    # chromosome order: each placed group's position in this cell's random group order
+    position = np.empty(n_groups, dtype=np.int64)
+    group_rank = np.empty(n_groups, dtype=np.int32)
+    group_item = np.empty(n_groups, dtype=np.int32)
     # scGPT bins: the cell's distinct expressed values in an open-addressing hash table whose
     # slots are stamped with their row (never cleared); a cell has few distinct values.
     table_bits = 1
@@ -147,6 +176,7 @@ def fill_sentences(
     distinct_value = np.empty(width, dtype=np.int32)
     distinct_slot = np.empty(width, dtype=np.int32)
     m_edges = n_bins - 2
+    longest = 1
 
     for r in range(n_rows):
         start, n = indptr[r], indptr[r + 1] - indptr[r]
@@ -156,7 +186,6 @@ def fill_sentences(
             if values[p] > 0 and (not use_keep or keep[indices[p]]):
                 item[m] = j
                 m += 1
-        k = min(size, m)
         cell = np.uint64(cells[r])
 
         if bin_kind == 2:
@@ -181,11 +210,30 @@ def fill_sentences(
                 total += slot_count[distinct_slot[i]]
 
         listed = m
-        if sample and order != _RANDOM and m > size:
-            # Sample `size` genes uniformly (the smallest random ranks), then order them.
-            cell_key = _mix(cell * _GOLDEN + key_select)
-            for i in range(m):
-                rank[i] = np.int64(_bits(cell_key, indices[start + item[i]]) >> _S34)
+        if select == _RESAMPLE:
+            # `size` inverse-CDF draws in ascending order: walk the row's cumulative weights.
+            listed = size if m > 0 else 0
+            if m > 0:
+                total = 0
+                for j in range(n):
+                    total += weights[start + j]
+                at, reached = 0, weights[start]
+                for i in range(size):
+                    offset = np.int64(np.floor(draw_u[r, i] * np.float64(total)))
+                    while reached <= offset:
+                        at += 1
+                        reached += weights[start + at]
+                    item[i] = at
+        elif (select == _SAMPLE and order != _RANDOM or select == _WEIGHTED) and m > size:
+            # Sample `size` genes (the smallest random or Efraimidis-Spirakis ranks), then
+            # order them.
+            if select == _SAMPLE:
+                cell_key = _mix(cell * _GOLDEN + key_select)
+                for i in range(m):
+                    rank[i] = np.int64(_bits(cell_key, indices[start + item[i]]) >> _S34)
+            else:
+                for i in range(m):
+                    rank[i] = select_bits[start + item[i]]
             _sort_by_rank(rank, item, m, spare_rank, spare_item, count)
             for i in range(size):
                 chosen[item[i]] = True
@@ -195,6 +243,17 @@ def fill_sentences(
                     chosen[j] = False
                     item[listed] = j
                     listed += 1
+        k = listed if select == _RESAMPLE else min(size, m)
+
+        if order == _CHROMOSOME:
+            cell_key = _mix(cell * _GOLDEN + key_chromosome)
+            for g in range(n_placed):
+                group_rank[g] = np.int64(_bits(cell_key, g) >> _S34)
+                group_item[g] = g
+            _sort_by_rank(group_rank, group_item, n_placed, spare_rank, spare_item, count)
+            for i in range(n_placed):
+                position[group_item[i]] = i
+            position[n_placed] = n_placed
         if order != _NONE and listed > 1:
             if order == _EXPRESSION:
                 for i in range(listed):
@@ -203,28 +262,37 @@ def fill_sentences(
                 cell_key = _mix(cell * _GOLDEN + key_order)
                 for i in range(listed):
                     rank[i] = np.int64(_bits(cell_key, indices[start + item[i]]) >> _S34)
-            else:
+            elif order == _GENE_INDEX:
                 for i in range(listed):
                     rank[i] = np.int64(indices[start + item[i]])
+            else:
+                for i in range(listed):
+                    gene = indices[start + item[i]]
+                    rank[i] = (position[group_of_gene[gene]] << _RANK_BITS) + genomic_rank[gene]
             _sort_by_rank(rank, item, listed, spare_rank, spare_item, count)
 
-        tokens[r, 0] = CLS
-        expression[r, 0] = 0.0
-        special[r, 0] = True
-        padding[r, 0] = False
-        if bin_kind > 0:
-            bins[r, 0] = 0
+        _put_special(tokens, expression, special, padding, bins, bin_kind > 0, r, 0, CLS)
         bin_cell_key = _mix(cell * _GOLDEN + key_bin)
         spread = float(max(n_expressed[r] - 1, 1))
+        at, group = 1, -1
         for i in range(k):
             p = start + item[i]
             gene, value = indices[p], values[p]
-            tokens[r, 1 + i] = gene + N_SPECIAL
-            expression[r, 1 + i] = value
-            special[r, 1 + i] = False
-            padding[r, 1 + i] = False
+            if order == _CHROMOSOME and group_of_gene[gene] != group:
+                # close the previous chromosome group, open this gene's
+                if group >= 0:
+                    _put_special(tokens, expression, special, padding, bins, bin_kind > 0, r, at, CHROM_END)
+                    at += 1
+                group = group_of_gene[gene]
+                _put_special(tokens, expression, special, padding, bins, bin_kind > 0, r, at,
+                             N_SPECIAL + n_genes + group)
+                at += 1
+            tokens[r, at] = gene + N_SPECIAL
+            expression[r, at] = value
+            special[r, at] = False
+            padding[r, at] = False
             if bin_kind == 1:
-                bins[r, 1 + i] = np.int64(min(np.floor(value), np.float32(n_bins))) + 1
+                bins[r, at] = np.int64(min(np.floor(value), np.float32(n_bins))) + 1
             elif bin_kind == 2:
                 # binning.scgpt_bins, with the same float64 operations in the same order
                 slot = slot_of[item[i]]
@@ -232,46 +300,18 @@ def fill_sentences(
                 left += 1.0 if n_expressed[r] > 1 else m_edges + 1.0
                 right = np.ceil(slot_below[slot] * float(m_edges) / spread)
                 u = (np.float64(_bits(bin_cell_key, gene) >> _S11) + 0.5) * 2.0**-53
-                bins[r, 1 + i] = np.int64(left - np.floor(u * (left - right)))
-        for c in range(1 + k, length):
+                bins[r, at] = np.int64(left - np.floor(u * (left - right)))
+            at += 1
+        if group >= 0:
+            _put_special(tokens, expression, special, padding, bins, bin_kind > 0, r, at, CHROM_END)
+            at += 1
+        longest = max(longest, at)
+        for c in range(at, length):
             tokens[r, c] = PAD
             expression[r, c] = 0.0
             special[r, c] = True
             padding[r, c] = True
             if bin_kind > 0:
                 bins[r, c] = 0
+    return longest
 
-
-@numba.njit(cache=True, nogil=True)
-def searchsorted_right(sorted_values, queries):
-    """``np.searchsorted(sorted_values, queries, side="right")``, fast for ascending queries.
-
-    Each search gallops forward from the previous answer when its query is not smaller than
-    the previous one (the inverse-CDF draws of ``weighted_sample`` come in ascending order),
-    so a sorted batch costs one pass over both arrays instead of a binary search per query
-    through a table far larger than the cache. Any order of queries gives the same result.
-    """
-    n = len(sorted_values)
-    out = np.empty(len(queries), dtype=np.int64)
-    at = 0
-    previous = queries[0] if len(queries) else 0
-    for i in range(len(queries)):
-        q = queries[i]
-        if q < previous:
-            at = 0
-        previous = q
-        # gallop: find hi with sorted_values[hi - 1] > q (or hi = n), then bisect [at, hi)
-        step, hi = 1, at
-        while hi < n and sorted_values[hi] <= q:
-            at = hi + 1
-            hi = at + step
-            step *= 2
-        hi = min(hi, n)
-        while at < hi:
-            mid = (at + hi) >> 1
-            if sorted_values[mid] <= q:
-                at = mid + 1
-            else:
-                hi = mid
-        out[i] = at
-    return out

@@ -39,8 +39,8 @@ Semantics, exactly:
 - Random choices use the counter-based streams of :mod:`kernels`: a pure function of
   (seed, epoch, cell index, gene or draw number).
 
-On a CPU, every order but ``chromosome`` with ``truncate`` or ``sample`` runs through the
-compiled kernel of :mod:`compiled` instead, which builds the same sentences cell by cell.
+On a CPU, the compiled kernel of :mod:`compiled` builds the same sentences cell by cell;
+the array path below runs on GPUs (and on a CPU under ``kernels.force_torch``).
 """
 
 from __future__ import annotations
@@ -226,8 +226,7 @@ class SentenceBuilder:
         return self._assemble(gene, value, bins, real, self._count(batch))
 
     def _compiled_applies(self, device) -> bool:
-        return (kernels.compiled_enabled(torch.device(device)) and self.order in compiled.ORDER_CODES
-                and self.select in ("truncate", "sample"))
+        return kernels.compiled_enabled(torch.device(device))
 
     def _build_compiled(self, indptr, indices, values, cells, epoch: int) -> CellSentences:
         """The CPU kernel of :mod:`compiled`: the same sentences as the array path below."""
@@ -239,32 +238,80 @@ class SentenceBuilder:
             indices = indices.astype(np.int64)
         values = np.ascontiguousarray(np.asarray(values, dtype=np.float32)[first:last])
         cells = np.ascontiguousarray(cells, dtype=np.int64)
-        keep = self._table("gene_keep", torch.device("cpu"))
+        cpu = torch.device("cpu")
+        keep = self._table("gene_keep", cpu)
         keep = np.zeros(0, dtype=np.bool_) if keep is None else keep.numpy()
-        factor = self._table("median_factor", torch.device("cpu"))
+        value = torch.from_numpy(values)
+
+        def gene() -> torch.Tensor:
+            return torch.from_numpy(indices).to(torch.int64)
+
+        factor = self._table("median_factor", cpu)
         order_values = values
         if self.order == "expression" and factor is not None:
-            # The array path's float32 operations, on the same flat arrays.
-            value = torch.from_numpy(values)
-            order_values = (torch.expm1(value) * factor[torch.from_numpy(indices).to(torch.int64)]).numpy()
+            order_values = (torch.expm1(value) * factor[gene()]).numpy()
         n_expressed = compiled.count_expressed(indptr, indices, values, keep)
-        count = np.minimum(n_expressed, self.size)
-        n_cells, length = len(cells), 1 + (int(count.max()) if len(cells) else 0)
+        n_cells, size = len(cells), self.size
+        resample = self.select == "weighted_sample" and self.resample
+        select = compiled.RESAMPLE if resample else compiled.SELECT_CODES[self.select]
+        select_bits, draw_u, weights = self._weighted_draws(indptr, cells, value, gene, keep, epoch)
+        count = np.where(n_expressed > 0, size, 0) if resample else np.minimum(n_expressed, size)
+        longest = int(count.max()) if n_cells else 0
+        layout = self.layout if self.order == "chromosome" else None
+        if layout is not None:
+            longest += 2 * min(longest, layout.n_groups)
+            group_of_gene, genomic_rank = layout.group_of_gene, layout.genomic_rank
+        else:
+            group_of_gene = genomic_rank = np.zeros(0, dtype=np.int64)
         kind, n_bins = self.bins if self.bins is not None else (None, 0)
-        tokens = np.empty((n_cells, length), dtype=np.int64)
-        expression = np.empty((n_cells, length), dtype=np.float32)
-        special = np.empty((n_cells, length), dtype=np.bool_)
-        padding = np.empty((n_cells, length), dtype=np.bool_)
-        bins = np.empty((n_cells, length) if kind else (0, 0), dtype=np.int64)
-        keys = [np.uint64(kernels.stream_key(self.seed, stream, epoch) & kernels.MASK64)
-                for stream in (kernels.STREAM_SELECT, kernels.STREAM_ORDER, kernels.STREAM_BIN)]
-        compiled.fill_sentences(
-            indptr, indices, values, np.ascontiguousarray(order_values).view(np.int32), keep, cells, n_expressed,
-            self.select == "sample", compiled.ORDER_CODES[self.order], self.size, *keys,
-            compiled.BIN_CODES[kind], n_bins, tokens, expression, special, padding, bins,
+        shape = (n_cells, 1 + longest)
+        tokens = np.empty(shape, dtype=np.int64)
+        expression = np.empty(shape, dtype=np.float32)
+        special = np.empty(shape, dtype=np.bool_)
+        padding = np.empty(shape, dtype=np.bool_)
+        bins = np.empty(shape if kind else (0, 0), dtype=np.int64)
+        streams = (kernels.STREAM_SELECT, kernels.STREAM_ORDER, kernels.STREAM_BIN, kernels.STREAM_CHROMOSOME)
+        keys = np.array([kernels.stream_key(self.seed, s, epoch) & kernels.MASK64 for s in streams], dtype=np.uint64)
+        length = compiled.fill_sentences(
+            indptr, indices, values, np.ascontiguousarray(order_values).view(np.int32), select_bits, draw_u, weights,
+            keep, cells, n_expressed, select, compiled.ORDER_CODES[self.order], size, keys, compiled.BIN_CODES[kind],
+            n_bins, group_of_gene, genomic_rank, layout.n_placed if layout else 0, self.n_genes,
+            tokens, expression, special, padding, bins,
         )
-        return CellSentences(torch.from_numpy(tokens), torch.from_numpy(expression), torch.from_numpy(special),
-                             torch.from_numpy(padding), torch.from_numpy(bins) if kind else None)
+        out = [tokens, expression, special, padding, bins]
+        if length < shape[1]:  # chromosome order: fewer groups than the bound allowed for
+            out = [np.ascontiguousarray(a[:, :length]) if kind or i < 4 else a for i, a in enumerate(out)]
+        tensors = [torch.from_numpy(a) for a in out]
+        return CellSentences(*tensors[:4], tensors[4] if kind else None)
+
+    def _weighted_draws(self, indptr, cells, value, gene, keep, epoch: int):
+        """The floating-point draws of ``weighted_sample`` for the compiled kernel, computed
+        with the array path's torch operations on arrays of the same shapes (so both paths
+        share them bit for bit): the int32 patterns of each entry's Efraimidis-Spirakis key
+        (without replacement), or the (B, size) sorted uniforms and the fixed-point weights of
+        the inverse-CDF draws (with replacement). Empty arrays for the other selections."""
+        select_bits = np.zeros(0, dtype=np.int32)
+        draw_u = np.zeros((0, 0), dtype=np.float64)
+        weights = np.zeros(0, dtype=np.int64)
+        if self.select != "weighted_sample":
+            return select_bits, draw_u, weights
+        cells = torch.from_numpy(cells)
+        if not self.resample:  # as in _choose
+            row = torch.from_numpy(np.repeat(np.arange(len(cells)), np.diff(indptr)))
+            keys = self._cell_keys(kernels.STREAM_SELECT, epoch, cells)
+            u = kernels.uniform(kernels.item_bits(_take(keys, row), gene()))
+            select_bits = (-torch.log(u) / value.to(torch.float64)).to(torch.float32).view(torch.int32).numpy()
+            return select_bits, draw_u, weights
+        # as in _draw
+        draws = torch.arange(self.size + 1).expand(len(cells), -1)
+        bits = kernels.item_bits(self._cell_keys(kernels.STREAM_DRAW, epoch, cells)[:, None], draws)
+        spacing = (-torch.log(kernels.uniform(bits))).cumsum(1)
+        draw_u = (spacing[:, : self.size] / spacing[:, self.size :]).contiguous().numpy()
+        weight = (value.to(torch.float64) * (1 << 20)).round_().to(torch.int64).clamp_(min=1)
+        valid = value > 0
+        if len(keep):
+            valid &= torch.from_numpy(keep)[gene()]
+        return select_bits, draw_u, torch.where(valid, weight, 0).numpy()
 
     def _count(self, batch: "_Batch") -> torch.Tensor:
         """Genes in each cell's sentence."""

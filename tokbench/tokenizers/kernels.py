@@ -5,10 +5,11 @@ the bits come from a splitmix64 mixer applied to those counters, never from a ge
 with state, so a cell gets the same draw whatever batch, loader worker, process or
 machine tokenises it, and a new epoch gets a new draw.
 
-The kernels take and return torch tensors. On a GPU they are torch operations; on the CPU
-they run through numpy on the same memory (zero copy), whose AVX-512 sorts and unsigned
-64-bit arithmetic are 2-3x faster than torch's CPU kernels for these shapes. Both paths
-give bit-identical results (``force_torch`` exists so tests can check that on a CPU).
+The kernels take and return torch tensors and serve the array path of the sentence
+builder, which runs on GPUs (on a CPU, :mod:`compiled` builds the sentences and the array
+path is the reference that tests compare it with, under ``force_torch``). The random bits
+run through numpy on the CPU (zero copy; unsigned 64-bit arithmetic), with results
+bit-identical to the torch operations.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import contextlib
 
 import numpy as np
 import torch
-
-from tokbench.tokenizers import compiled
 
 MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -35,8 +34,8 @@ _use_numpy = True
 
 @contextlib.contextmanager
 def force_torch():
-    """Run the CPU kernels with torch operations (the GPU code path) inside the block, without
-    numpy or the compiled sentence builder of :mod:`compiled`."""
+    """Inside the block, build sentences on the CPU with the array path's torch operations
+    (the GPU code path) instead of :mod:`compiled`, and random bits without numpy."""
     global _use_numpy
     previous, _use_numpy = _use_numpy, False
     try:
@@ -130,29 +129,20 @@ def uniform(bits: torch.Tensor) -> torch.Tensor:
 
 
 def sort_rows(keys: torch.Tensor) -> torch.Tensor:
-    """Sort each row of a contiguous int64 (B, K) tensor ascending, in place where possible.
+    """Each row of an int64 (B, K) tensor sorted ascending.
 
     Keys must be distinct within a row (so the result does not depend on the algorithm).
-    Returns the sorted tensor (``keys`` itself on the CPU).
     """
     if keys.shape[-1] <= 1:
-        return keys
-    if _numpy_ok(keys) and keys.is_contiguous():
-        keys.numpy().sort(axis=-1)
         return keys
     return torch.sort(keys, dim=-1).values
 
 
 def repeat(values: torch.Tensor, counts: torch.Tensor, total: int) -> torch.Tensor:
     """``values[i]`` repeated ``counts[i]`` times (1-D, ``total`` = sum of counts)."""
-    if _numpy_ok(values):
-        return torch.from_numpy(np.repeat(values.numpy(), counts.numpy()))
     return torch.repeat_interleave(values, counts, output_size=total)
 
 
 def searchsorted_right(sorted_values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     """For each query, the number of entries of the 1-D ``sorted_values`` that are <= it."""
-    if _numpy_ok(queries):
-        values = np.ascontiguousarray(sorted_values.numpy())
-        return torch.from_numpy(compiled.searchsorted_right(values, np.ascontiguousarray(queries.numpy())))
     return torch.searchsorted(sorted_values, queries, right=True)
