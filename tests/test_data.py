@@ -198,6 +198,21 @@ def test_cross_tissue_validation_is_carved_from_training_tissues_stratified(tmp_
         assert abs(((split == 1) & (labels == c)).sum() / in_train_tissues.sum() - 0.2) < 0.03
 
 
+def test_cross_tissue_validation_from_the_held_out_tissue(tmp_path):
+    adata = tiny_adata(n_cells=300)
+    data = prepare(_write(tmp_path / "x.h5ad", adata), tmp_path, split=dict(CROSS, val_fraction=0.4, val_from="test"))
+    tissue = data.obs["tissue"].astype(str).to_numpy()
+    split, labels = np.asarray(data.split), np.asarray(data.labels)
+    assert set(tissue[split == 1]) == {"gut"} and set(tissue[split == 2]) == {"gut"}
+    assert set(tissue[split == 0]) == {"blood", "lung"}
+    assert data.meta["splits"]["val_from"] == "test"
+    for c in range(3):
+        gut = (tissue == "gut") & (labels == c)
+        assert abs(((split == 1) & gut).sum() / gut.sum() - 0.4) < 0.05
+    # A different source of validation cells is a different dataset: never the same cache entry.
+    assert data.path != prepare(tmp_path / "x.h5ad", tmp_path, split=dict(CROSS, val_fraction=0.4)).path
+
+
 def test_random_split_is_stratified(pbmc_h5ad, tmp_path):
     data = prepare(pbmc_h5ad, tmp_path, split=dict(kind="random", val_fraction=0.1, test_fraction=0.2), label_key="bulk_labels")
     split, labels = np.asarray(data.split), np.asarray(data.labels)
@@ -227,6 +242,9 @@ def test_unseen_test_labels_are_kept_and_reported(tmp_path, caplog):
         (dict(kind="cross_tissue", key="tissue", train=["blood", "gut"], test=["gut"]), r"listed for both train and test"),
         (dict(kind="predefined", key="tissue", train=["blood"], val=["lung"], test=["gut"], val_fraction=0.1), None),
         (dict(kind="weird"), r"split.kind: 'weird' is not one of predefined, cross_tissue, random"),
+        (dict(CROSS, val_from="brain"), r"split.val_from: 'brain' is not one of train, test"),
+        (dict(CROSS, val=["lung"], val_from="test"), r"split.val_from=test applies to a cross_tissue split without split.val"),
+        (dict(kind="random", val_from="test"), r"split.val_from=test applies to a cross_tissue split"),
     ],
 )
 def test_split_errors(tiny_h5ad, tmp_path, split, message):

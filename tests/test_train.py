@@ -10,7 +10,8 @@ from conftest import tiny_overrides
 from tokbench.cli import main
 from tokbench.errors import TokbenchError
 from tokbench.train_command import train
-from tokbench.training.experiment import load_experiment
+from tokbench.tracking.record import run_tags
+from tokbench.training.experiment import experiment_path, load_experiment
 from tokbench.training.loop import AnnotationTrainer
 
 ARTIFACTS = {"test_confusion_matrix.png", "test_confusion_matrix.csv", "test_per_class.csv", "config.yaml", "history.csv", "best_model.pt"}
@@ -121,6 +122,19 @@ def test_test_metrics_come_from_the_best_validation_epoch(tiny_atlas, tmp_path):
 def test_bad_configuration_fails_before_training(tiny_atlas, tmp_path, overrides, message):
     with pytest.raises(TokbenchError, match=message):
         train("cross_tissue", tiny_overrides(tiny_atlas, tmp_path) + overrides, progress=False)
+
+
+@pytest.mark.parametrize(
+    "overrides, split_tag",
+    [
+        ([], "cross_tissue:blood+lung+gut->brain"),
+        (["split.val_from=test"], "cross_tissue:blood+lung+gut->brain,val=brain"),
+        (["split.train=[blood,lung]", "split.val=[gut]"], "cross_tissue:blood+lung->brain,val=gut"),
+    ],
+)
+def test_split_tag_says_where_validation_comes_from(tiny_atlas, tmp_path, overrides, split_tag):
+    cfg = load_experiment(experiment_path("cross_tissue"), tiny_overrides(tiny_atlas, tmp_path) + overrides)
+    assert run_tags(cfg)["split"] == split_tag
 
 
 def test_missing_required_value_names_its_key():

@@ -39,8 +39,12 @@ class SplitConfig:
     ``kind``:
       - ``predefined``: ``obs[key]`` holds the split; ``train``/``val``/``test`` list its values.
       - ``cross_tissue``: ``obs[key]`` holds the tissue; ``train`` lists training tissues,
-        ``test`` the held-out ones; validation is ``val_fraction`` of the training tissues'
-        cells, stratified by label.
+        ``test`` the held-out ones; validation is ``val_fraction`` of the cells of the
+        tissues named by ``val_from``, stratified by label: ``train`` (the training tissues;
+        the held-out tissue is never seen, not even for early stopping) or ``test`` (the
+        held-out tissues, disjoint from the test cells: the Heimdall tutorial's protocol,
+        where model selection and early stopping look at the target tissue). An explicit
+        ``val`` list of tissues replaces both.
       - ``random``: stratified by label, ``val_fraction`` and ``test_fraction`` of all cells.
     """
 
@@ -50,5 +54,6 @@ class SplitConfig:
     val: list[str] = field(default_factory=list)
     test: list[str] = field(default_factory=list)
     val_fraction: float = 0.1
+    val_from: str = "train"
     test_fraction: float = 0.2
     seed: int = 0

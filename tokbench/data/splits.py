@@ -14,6 +14,7 @@ from tokbench.errors import TokbenchError
 log = logging.getLogger("tokbench.data")
 
 SPLIT_KINDS = ("predefined", "cross_tissue", "random")
+VAL_SOURCES = ("train", "test")
 
 
 def stratified_pick(cells: np.ndarray, labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -49,6 +50,16 @@ def assign_splits(obs: pd.DataFrame, labels: np.ndarray, cfg: SplitConfig, where
     """
     if cfg.kind not in SPLIT_KINDS:
         raise TokbenchError(f"split.kind: {cfg.kind!r} is not one of {', '.join(SPLIT_KINDS)}")
+    if cfg.val_from not in VAL_SOURCES:
+        raise TokbenchError(
+            f"split.val_from: {cfg.val_from!r} is not one of {', '.join(VAL_SOURCES)} (the tissues validation "
+            "cells are carved from: the training ones, or the held-out ones)"
+        )
+    if cfg.val_from != "train" and (cfg.kind != "cross_tissue" or cfg.val):
+        raise TokbenchError(
+            f"split.val_from={cfg.val_from} applies to a cross_tissue split without split.val "
+            f"(got split.kind={cfg.kind}, split.val={list(cfg.val)}); drop one of them"
+        )
     n = len(obs)
     rng = np.random.default_rng(cfg.seed)
     split = np.full(n, -1, dtype=np.int8)
@@ -82,9 +93,11 @@ def assign_splits(obs: pd.DataFrame, labels: np.ndarray, cfg: SplitConfig, where
             if values:
                 split[_values_in(column, values, cfg.key, where, role)] = SPLIT_CODES[role]
         if cfg.kind == "cross_tissue" and not roles["val"]:
-            # Validation is carved from the training tissues: the held-out tissue is never
-            # seen, not even for early stopping.
-            val = stratified_pick(np.flatnonzero(split == SPLIT_CODES["train"]), labels, cfg.val_fraction, rng)
+            # By default validation is carved from the training tissues, so the held-out
+            # tissue is never seen, not even for early stopping; val_from=test carves it from
+            # the held-out tissues instead (model selection on the target tissue).
+            pool = np.flatnonzero(split == SPLIT_CODES[cfg.val_from])
+            val = stratified_pick(pool, labels, cfg.val_fraction, rng)
             split[val] = SPLIT_CODES["val"]
     for role, code in SPLIT_CODES.items():
         if not (split == code).any():
@@ -98,6 +111,7 @@ def assign_splits(obs: pd.DataFrame, labels: np.ndarray, cfg: SplitConfig, where
         )
     report = {
         "kind": cfg.kind,
+        "val_from": cfg.val_from if cfg.kind == "cross_tissue" and not cfg.val else None,
         "cells": {role: int((split == code).sum()) for role, code in SPLIT_CODES.items()},
         "unused_cells": int((split < 0).sum()),
         "test_labels_unseen_in_train": unseen,

@@ -80,7 +80,7 @@ def draw_leaderboard(t: ReportTables) -> Drawn:
     ax.barh(y, np.nan_to_num(means, nan=0.0), xerr=board["test_mcc_sd"].astype(float).fillna(0).to_numpy(),
             color=colours, height=0.6, capsize=3, label="test MCC (held-out tissue)")
     ax.scatter(board["val_mcc_mean"].astype(float), y, marker="D", color=VAL_COLOUR, zorder=3,
-               label="best validation MCC (training tissues)")
+               label="best validation MCC")
     for yi, mean in zip(y, means):
         if math.isnan(mean):
             ax.text(0, yi, " missing", va="center", fontsize=8, color=STOPPED_COLOUR)

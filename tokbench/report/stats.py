@@ -49,7 +49,7 @@ def finished(trials: pd.DataFrame) -> pd.DataFrame:
 def leaderboard(trials: pd.DataFrame) -> pd.DataFrame:
     """One row per tokenizer (and the baseline) over its finished trials: mean and sd over
     seeds of test MCC and test accuracy (the held-out tissue), of the best validation MCC
-    (the training tissues), the gap val - test, and how many trials were stopped by ASHA,
+    (the split's validation cells), the gap val - test, and how many trials were stopped by ASHA,
     are still running or failed. Best test MCC first; missing means last."""
     done = finished(trials)
     if done.empty:

@@ -23,6 +23,9 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
         split_name = "random"
     else:
         split_name = f"{split.kind}:{'+'.join(split.train) or 'train'}->{'+'.join(split.test) or 'test'}"
+        # Where validation comes from when it is not carved from the training tissues.
+        if split.kind == "cross_tissue" and (split.val or split.val_from == "test"):
+            split_name += f",val={'+'.join(split.val or split.test)}"
     return {
         **tokenizer_tags(cfg),
         "method": cfg.method,
