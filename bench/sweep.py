@@ -76,9 +76,12 @@ def main() -> None:
             path.write_text(yaml.safe_dump(variant))
             results[mode] = run(path, workdir, args.num_cpus)
 
+    def tokenizers(board):
+        # The candidates, and the trials ASHA schedules: the baseline is the exempt reference.
+        return board[~board["tokenizer"].str.startswith("baseline")]
+
     def best(board, by):
-        tokenizers = board[~board["tokenizer"].str.startswith("baseline")]
-        top = tokenizers.sort_values(by, ascending=False).iloc[0]
+        top = tokenizers(board).sort_values(by, ascending=False).iloc[0]
         return top["tokenizer"], top["val_mcc_mean"], top["test_mcc_mean"]
 
     asha_board, asha_wall, asha_state = results["asha"]
@@ -86,12 +89,7 @@ def main() -> None:
     startups = sorted(t["startup_seconds"] for t in asha_state.doc["trials"].values() if "startup_seconds" in t)
     median = startups[len(startups) // 2] if startups else float("nan")
     asha_epochs, full_epochs = int(asha_board["epochs_run"].sum()), int(full_board["epochs_run"].sum())
-
-    def tokenizer_epochs(board) -> int:
-        # The trials ASHA schedules: the baseline is exempt and runs the same epochs in both.
-        return int(board.loc[~board["tokenizer"].str.startswith("baseline"), "epochs_run"].sum())
-
-    asha_tok, full_tok = tokenizer_epochs(asha_board), tokenizer_epochs(full_board)
+    asha_tok, full_tok = (int(tokenizers(b)["epochs_run"].sum()) for b in (asha_board, full_board))
     asha_best, full_best = best(asha_board, "val_mcc_mean"), best(full_board, "val_mcc_mean")
     asha_test, full_test = best(asha_board, "test_mcc_mean"), best(full_board, "test_mcc_mean")
     rows = [

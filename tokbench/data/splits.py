@@ -50,12 +50,14 @@ def assign_splits(obs: pd.DataFrame, labels: np.ndarray, cfg: SplitConfig, where
     """
     if cfg.kind not in SPLIT_KINDS:
         raise TokbenchError(f"split.kind: {cfg.kind!r} is not one of {', '.join(SPLIT_KINDS)}")
+    # A cross_tissue split without explicit validation tissues carves validation from val_from.
+    carved = cfg.kind == "cross_tissue" and not cfg.val
     if cfg.val_from not in VAL_SOURCES:
         raise TokbenchError(
             f"split.val_from: {cfg.val_from!r} is not one of {', '.join(VAL_SOURCES)} (the tissues validation "
             "cells are carved from: the training ones, or the held-out ones)"
         )
-    if cfg.val_from != "train" and (cfg.kind != "cross_tissue" or cfg.val):
+    if cfg.val_from != "train" and not carved:
         raise TokbenchError(
             f"split.val_from={cfg.val_from} applies to a cross_tissue split without split.val "
             f"(got split.kind={cfg.kind}, split.val={list(cfg.val)}); drop one of them"
@@ -92,7 +94,7 @@ def assign_splits(obs: pd.DataFrame, labels: np.ndarray, cfg: SplitConfig, where
         for role, values in roles.items():
             if values:
                 split[_values_in(column, values, cfg.key, where, role)] = SPLIT_CODES[role]
-        if cfg.kind == "cross_tissue" and not roles["val"]:
+        if carved:
             # By default validation is carved from the training tissues, so the held-out
             # tissue is never seen, not even for early stopping; val_from=test carves it from
             # the held-out tissues instead (model selection on the target tissue).
@@ -111,7 +113,7 @@ def assign_splits(obs: pd.DataFrame, labels: np.ndarray, cfg: SplitConfig, where
         )
     report = {
         "kind": cfg.kind,
-        "val_from": cfg.val_from if cfg.kind == "cross_tissue" and not cfg.val else None,
+        "val_from": cfg.val_from if carved else None,
         "cells": {role: int((split == code).sum()) for role, code in SPLIT_CODES.items()},
         "unused_cells": int((split < 0).sum()),
         "test_labels_unseen_in_train": unseen,
