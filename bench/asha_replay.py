@@ -22,6 +22,7 @@ import argparse
 import heapq
 import itertools
 import math
+import random
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -59,8 +60,11 @@ def load_trials(tracking_uri: str, sweep_id: str, metric: str) -> list[Trial]:
     return trials
 
 
-def replay(trials: list[Trial], grace: int, rf: float, metric: str, mode: str, concurrency: int, max_epochs: int):
-    """Epochs each trial runs under ASHA(grace, rf) on ``concurrency`` slots."""
+def replay(trials: list[Trial], grace: int, rf: float, metric: str, mode: str, concurrency: int, max_epochs: int,
+           jitter: float = 0.0, rng: random.Random | None = None):
+    """Epochs each trial runs under ASHA(grace, rf) on ``concurrency`` slots. With ``jitter``
+    j, every epoch lasts its logged time times a uniform draw from [1 - j, 1 + j]: the
+    run-to-run timing noise that decides which trial reaches a rung first."""
     from tokbench.sweep.scheduler import ReferenceExemptASHA
 
     scheduler = ReferenceExemptASHA(
@@ -69,12 +73,16 @@ def replay(trials: list[Trial], grace: int, rf: float, metric: str, mode: str, c
     )
     fakes = {t.trial_id: SimpleNamespace(trial_id=t.trial_id, config={"combination": t.combination}) for t in trials}
     pending, running, ran, order = list(trials), [], {}, itertools.count()
+    rng = rng or random.Random(0)
+
+    def duration(trial: Trial, epoch: int) -> float:
+        return trial.seconds.get(epoch, 1.0) * (1.0 + jitter * (2.0 * rng.random() - 1.0))
 
     def start(now: float) -> None:
         trial = pending.pop(0)
         scheduler.on_trial_add(None, fakes[trial.trial_id])
         first = int(trial.metric.index.min())
-        heapq.heappush(running, (now + trial.seconds.get(first, 1.0), next(order), trial, first))
+        heapq.heappush(running, (now + duration(trial, first), next(order), trial, first))
 
     for _ in range(min(concurrency, len(pending))):
         start(0.0)
@@ -89,7 +97,7 @@ def replay(trials: list[Trial], grace: int, rf: float, metric: str, mode: str, c
             if pending:
                 start(now)
         else:
-            heapq.heappush(running, (now + trial.seconds.get(epoch + 1, 1.0), next(order), trial, epoch + 1))
+            heapq.heappush(running, (now + duration(trial, epoch + 1), next(order), trial, epoch + 1))
     return ran
 
 
@@ -115,6 +123,10 @@ def main() -> None:
     parser.add_argument("--metric", default="val_mcc")
     parser.add_argument("--mode", default="max", choices=["max", "min"])
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="replays per setting; with --jitter, how often each winner is kept")
+    parser.add_argument("--jitter", type=float, default=0.0,
+                        help="epoch times vary by up to this fraction between replays (e.g. 0.2)")
     args = parser.parse_args()
 
     trials = load_trials(args.tracking_uri, args.sweep, args.metric)
@@ -123,14 +135,31 @@ def main() -> None:
     full_val, full_test = winners(trials, full)
     print(f"{len(trials)} trials, full grid: {sum(full.values())} epochs; "
           f"best by val MCC {full_val}, by test MCC {full_test}")
-    print(f"{'metric':<10}{'grace':>6}{'rf':>5}{'epochs':>9}{'share':>7}{'stopped':>9}  "
-          f"{'best by val MCC':<40}{'best by test MCC'}")
+    if args.repeats > 1:
+        print(f"{args.repeats} replays per setting, epoch times +-{args.jitter:.0%}: mean epochs, and in how many "
+              "replays each winner is the full grid's")
+        print(f"{'metric':<14}{'grace':>6}{'rf':>5}{'epochs':>9}{'share':>7}{'max share':>10}"
+              f"{'same best by val':>18}{'same best by test':>19}")
+    else:
+        print(f"{'metric':<14}{'grace':>6}{'rf':>5}{'epochs':>9}{'share':>7}{'stopped':>9}  "
+              f"{'best by val MCC':<40}{'best by test MCC'}")
     for grace, rf in itertools.product(args.grace, args.rf):
-        ran = replay(trials, grace, rf, args.metric, args.mode, args.concurrency, max_epochs)
+        rng = random.Random(0)
+        runs = [replay(trials, grace, rf, args.metric, args.mode, args.concurrency, max_epochs, args.jitter, rng)
+                for _ in range(args.repeats)]
+        shares = [sum(ran.values()) / sum(full.values()) for ran in runs]
+        picked = [winners(trials, ran) for ran in runs]
+        if args.repeats > 1:
+            same_val = sum(val == full_val for val, _ in picked)
+            same_test = sum(test == full_test for _, test in picked)
+            print(f"{args.metric:<14}{grace:>6}{rf:>5g}{sum(shares) / len(shares) * sum(full.values()):>9.1f}"
+                  f"{sum(shares) / len(shares):>7.0%}{max(shares):>10.0%}"
+                  f"{f'{same_val}/{args.repeats}':>18}{f'{same_test}/{args.repeats}':>19}")
+            continue
+        ran, (val, test) = runs[0], picked[0]
         epochs = sum(ran.values())
-        val, test = winners(trials, ran)
         stopped = sum(ran[t] < full[t] for t in ran)
-        print(f"{args.metric:<10}{grace:>6}{rf:>5g}{epochs:>9}{epochs / sum(full.values()):>7.0%}{stopped:>9}  "
+        print(f"{args.metric:<14}{grace:>6}{rf:>5g}{epochs:>9}{epochs / sum(full.values()):>7.0%}{stopped:>9}  "
               f"{val + (' (same)' if val == full_val else ''):<40}{test + (' (same)' if test == full_test else '')}")
 
 

@@ -84,21 +84,40 @@ def main() -> None:
         top = tokenizers(board).sort_values(by, ascending=False).iloc[0]
         return top["tokenizer"], top["val_mcc_mean"], top["test_mcc_mean"]
 
+    def busy_seconds(state):
+        # Slot time spent on the work itself: training, validation and test scoring.
+        return sum((h.get("epoch_seconds") or 0.0) + (h.get("eval_test_seconds") or 0.0)
+                   for t in state.doc["trials"].values() for h in t.get("history", []))
+
+    def median(values):
+        values = sorted(values)
+        return values[len(values) // 2] if values else float("nan")
+
     asha_board, asha_wall, asha_state = results["asha"]
     full_board, full_wall, full_state = results["full"]
-    startups = sorted(t["startup_seconds"] for t in asha_state.doc["trials"].values() if "startup_seconds" in t)
-    median = startups[len(startups) // 2] if startups else float("nan")
+    trials = asha_state.doc["trials"].values()
+    startups = sorted(t["startup_seconds"] for t in trials if "startup_seconds" in t)
+    setups = [t["setup_seconds"] for t in trials if "setup_seconds" in t]
+    workers = {t.get("worker_pid") for t in trials} - {None}
     asha_epochs, full_epochs = int(asha_board["epochs_run"].sum()), int(full_board["epochs_run"].sum())
     asha_tok, full_tok = (int(tokenizers(b)["epochs_run"].sum()) for b in (asha_board, full_board))
+    asha_busy, full_busy = busy_seconds(asha_state), busy_seconds(full_state)
     asha_best, full_best = best(asha_board, "val_mcc_mean"), best(full_board, "val_mcc_mean")
     asha_test, full_test = best(asha_board, "test_mcc_mean"), best(full_board, "test_mcc_mean")
     rows = [
         ("sweep", f"{args.sweep.name}: {len(asha_state.doc['trials'])} trials, {args.num_cpus} CPUs"),
         ("(a) wall time, ASHA", f"{asha_wall:.0f} s (full grid: {full_wall:.0f} s)"),
-        ("(b) trial start-up, median", f"{median:.1f} s (min {startups[0]:.1f}, max {startups[-1]:.1f})" if startups else "n/a"),
+        ("(b) trial start-up, median", f"{median(startups):.1f} s (min {startups[0]:.1f}, max {startups[-1]:.1f}): "
+                                       "slot free to first epoch, less the epoch" if startups else "n/a"),
+        ("    of which set-up, median", f"{median(setups):.1f} s (data, tokenizer, model); {len(workers)} worker "
+                                        f"processes for {len(asha_state.doc['trials'])} trials"),
+        ("    slot utilisation, ASHA", f"{asha_busy / (asha_wall * args.num_cpus):.0%} of {args.num_cpus} x wall time "
+                                       "trains, validates or tests"),
         ("(c) epochs, ASHA / full grid", f"{asha_epochs} / {full_epochs} = {asha_epochs / max(full_epochs, 1):.0%}"),
         ("    tokenizer trials only", f"{asha_tok} / {full_tok} = {asha_tok / max(full_tok, 1):.0%} (the baseline, exempt "
                                        f"from ASHA: {asha_epochs - asha_tok} / {full_epochs - full_tok})"),
+        ("    compute, ASHA / full grid", f"{asha_busy:.0f} / {full_busy:.0f} s = {asha_busy / max(full_busy, 1e-9):.0%} "
+                                           "(training, validation and test seconds)"),
         ("    trials stopped by ASHA", str(int(asha_board["stopped_early"].sum()))),
         ("    best, ASHA", f"{asha_best[0]} (val MCC {asha_best[1]:.3f}, test MCC {asha_best[2]:.3f})"),
         ("    best, full grid", f"{full_best[0]} (val MCC {full_best[1]:.3f}, test MCC {full_best[2]:.3f})"),

@@ -83,6 +83,8 @@ def test_sweep_spreads_over_nodes_asha_stops_and_mlflow_has_one_child_per_trial(
     trials = state.doc["trials"]
     assert len(trials) == 5
     assert len({t["node_id"] for t in trials.values()}) == 2
+    # Two one-CPU nodes, five trials: finished trials' workers take the next ones.
+    assert len({t["worker_pid"] for t in trials.values()}) < 5
     assert any(t["end_state"] == "stopped_early" for t in trials.values())
     assert any(t["end_state"] == "completed" and t["epochs"] == 5 for t in trials.values())
     client, parents, children = mlflow_runs(tmp_path)
@@ -95,6 +97,7 @@ def test_sweep_spreads_over_nodes_asha_stops_and_mlflow_has_one_child_per_trial(
         assert child.info.status == "FINISHED"
         assert child.data.tags["end_state"] in ("completed", "stopped_early")
         assert "final_test_mcc" in child.data.metrics
+        assert child.data.metrics["startup_seconds"] >= child.data.metrics["setup_seconds"] > 0
     assert set(board["tokenizer"]) == {c.data.tags["combination"] for c in children}
     row = board.set_index("tokenizer").loc["baseline:logreg"]
     baseline_run = next(c for c in children if c.data.tags["tokenizer"] == "baseline:logreg")
@@ -122,6 +125,25 @@ def test_asha_leaves_the_baseline_alone():
     # Nor is the baseline ever stopped, not even at max_t: it ends itself.
     assert asha.on_trial_result(None, baseline, result(4, 0.0)) == TrialScheduler.CONTINUE
     asha.on_trial_complete(None, baseline, result(4, 0.0))
+
+
+def test_a_reused_worker_trains_the_next_trial_as_a_fresh_one_would(cluster, tiny_atlas, tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, tiny_atlas))
+
+    class Local(TokbenchTrainable):  # the sweep as tune.with_parameters hands it over
+        def setup(self, config):
+            super().setup(config, sweep=sweep)
+
+    first, second = {"combination": 0, "seed": 0, "params": {}}, {"combination": 3, "seed": 1, "params": {}}
+    keys = ("train_loss", "val_loss", "val_mcc", "test_mcc")
+    fresh = Local(config=dict(second))
+    expected = [{k: fresh.train().get(k) for k in keys} for _ in range(2)]
+    fresh.stop()
+    reused = Local(config=dict(first))
+    reused.train()
+    assert reused.reset(dict(second))
+    assert [{k: reused.train().get(k) for k in keys} for _ in range(2)] == expected
+    reused.stop()
 
 
 class CrashOnce(TokbenchTrainable):

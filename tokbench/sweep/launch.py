@@ -294,6 +294,9 @@ def _tune_config(sweep: Sweep):
         search_alg=search_alg,
         num_samples=int(spec.search.num_samples),
         max_concurrent_trials=int(spec.max_concurrent) or None,
+        # A finished trial's worker takes the next trial (TokbenchTrainable.reset_config)
+        # instead of a new process paying for Python, torch and tokbench imports again.
+        reuse_actors=True,
         **metric_mode,
     )
 

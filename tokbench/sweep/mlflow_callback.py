@@ -49,6 +49,12 @@ class MlflowSweepCallback(tune.Callback):
         # sweep state afresh from disk instead of trusting a pickled copy.
         self.state = SweepState.load(self.experiment_dir)
         self._loggers: dict[str, RunLogger] = {}
+        # When trial resources became free, oldest first: the sweep's start for the first
+        # trials, then each trial's end. A trial's start-up is measured from the moment its
+        # slot was free, so it counts worker start, imports and set-up, which happen before
+        # Ray reports the trial started.
+        self._free_since: list[float] = []
+        self._fit_started = time.time()
 
     def __getstate__(self) -> dict:
         return {"sweep": self.sweep, "experiment_dir": self.experiment_dir, "uri": self.uri}
@@ -97,17 +103,22 @@ class MlflowSweepCallback(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         with _logging_failures(trial, "start"):
             self._logger(trial)
-            self.state.trial(trial.trial_id).setdefault("started_at", time.time())
+            record = self.state.trial(trial.trial_id)
+            record.setdefault("started_at", time.time())
+            if "queued_at" not in record:
+                record["queued_at"] = self._free_since.pop(0) if self._free_since else self._fit_started
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         with _logging_failures(trial, "result"):
             self._record_result(trial, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._free_since.append(time.time())
         with _logging_failures(trial, "complete"):
             self._complete(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._free_since.append(time.time())
         with _logging_failures(trial, "error"):
             self._fail(trial)
 
@@ -117,15 +128,22 @@ class MlflowSweepCallback(tune.Callback):
         epoch = int(result.get("epoch", 0))
         if epoch <= record.get("last_epoch", 0):
             return  # re-run of an epoch after a restore: already logged
-        log_epoch(logger, {k: v for k, v in result.items() if isinstance(v, (int, float))})
-        if "startup_seconds" not in record and "started_at" in record:
-            # Trial start to first epoch result, minus the epoch itself: actor, data, model set-up.
-            record["startup_seconds"] = time.time() - record["started_at"] - float(result.get("epoch_seconds", 0.0))
+        metrics = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+        if "startup_seconds" not in record and "queued_at" in record:
+            # Slot free to first epoch result, minus the epoch and its test scoring: worker
+            # start (or reuse), imports, data, tokenizer and model set-up, Ray's scheduling.
+            work = float(result.get("epoch_seconds", 0.0)) + float(result.get("eval_test_seconds", 0.0))
+            record["startup_seconds"] = metrics["startup_seconds"] = time.time() - record["queued_at"] - work
+        log_epoch(logger, metrics)
         record["last_epoch"] = epoch
         record["epochs"] = epoch
         record["node_id"] = result.get("node_id")
+        record["worker_pid"] = result.get("pid")
         history = record.setdefault("history", [])
-        history.append({k: result.get(k) for k in ("epoch", "train_loss", "val_accuracy", "val_macro_f1", "val_mcc", "epoch_seconds")})
+        history.append({k: result.get(k) for k in ("epoch", "train_loss", "val_accuracy", "val_macro_f1", "val_mcc",
+                                                    "epoch_seconds", "eval_test_seconds")})
+        if "setup_seconds" in result:
+            record["setup_seconds"] = result["setup_seconds"]
         if "test_details" in result:
             record["test"] = {k: result[k] for k in result if k.startswith("test_") and k != "test_details"}
             record["test"].update(json.loads(result["test_details"]))
