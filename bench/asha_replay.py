@@ -147,19 +147,19 @@ def main() -> None:
         rng = random.Random(0)
         runs = [replay(trials, grace, rf, args.metric, args.mode, args.concurrency, max_epochs, args.jitter, rng)
                 for _ in range(args.repeats)]
-        shares = [sum(ran.values()) / sum(full.values()) for ran in runs]
+        epochs = [sum(ran.values()) for ran in runs]
         picked = [winners(trials, ran) for ran in runs]
         if args.repeats > 1:
             same_val = sum(val == full_val for val, _ in picked)
             same_test = sum(test == full_test for _, test in picked)
-            print(f"{args.metric:<14}{grace:>6}{rf:>5g}{sum(shares) / len(shares) * sum(full.values()):>9.1f}"
-                  f"{sum(shares) / len(shares):>7.0%}{max(shares):>10.0%}"
+            mean = sum(epochs) / len(epochs)
+            print(f"{args.metric:<14}{grace:>6}{rf:>5g}{mean:>9.1f}"
+                  f"{mean / sum(full.values()):>7.0%}{max(epochs) / sum(full.values()):>10.0%}"
                   f"{f'{same_val}/{args.repeats}':>18}{f'{same_test}/{args.repeats}':>19}")
             continue
         ran, (val, test) = runs[0], picked[0]
-        epochs = sum(ran.values())
         stopped = sum(ran[t] < full[t] for t in ran)
-        print(f"{args.metric:<14}{grace:>6}{rf:>5g}{epochs:>9}{epochs / sum(full.values()):>7.0%}{stopped:>9}  "
+        print(f"{args.metric:<14}{grace:>6}{rf:>5g}{epochs[0]:>9}{epochs[0] / sum(full.values()):>7.0%}{stopped:>9}  "
               f"{val + (' (same)' if val == full_val else ''):<40}{test + (' (same)' if test == full_test else '')}")
 
 

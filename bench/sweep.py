@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -94,9 +95,10 @@ def main() -> None:
         return sum((h.get("epoch_seconds") or 0.0) + (h.get("eval_test_seconds") or 0.0)
                    for t in state.doc["trials"].values() for h in t.get("history", []))
 
-    def median(values):
-        values = sorted(values)
-        return values[len(values) // 2] if values else float("nan")
+    def regret(pick, by):
+        # How much worse ASHA's pick is than the full grid's best, both scored in the full grid.
+        scores = tokenizers(results["full"][0]).set_index("tokenizer")[by]
+        return scores.max() - scores[pick]
 
     asha_board, asha_wall, asha_state = results["asha"]
     full_board, full_wall, full_state = results["full"]
@@ -109,18 +111,14 @@ def main() -> None:
     asha_busy, full_busy = busy_seconds(asha_state), busy_seconds(full_state)
     asha_best, full_best = best(asha_board, "val_mcc_mean"), best(full_board, "val_mcc_mean")
     asha_test, full_test = best(asha_board, "test_mcc_mean"), best(full_board, "test_mcc_mean")
-    def regret(pick, by):
-        # How much worse ASHA's pick is than the full grid's best, both scored in the full grid.
-        scores = tokenizers(full_board).set_index("tokenizer")[by]
-        return scores.max() - scores[pick]
 
     rows = [
         ("sweep", f"{args.sweep.name}: {len(asha_state.doc['trials'])} trials, {args.num_cpus} CPUs"),
         ("(a) wall time, ASHA", f"{asha_wall:.0f} s (full grid: {full_wall:.0f} s)"),
-        ("(b) trial start-up, median", f"{median(startups):.1f} s (min {startups[0]:.1f}, max {startups[-1]:.1f}): "
+        ("(b) trial start-up, median", f"{statistics.median(startups):.1f} s (min {startups[0]:.1f}, max {startups[-1]:.1f}): "
                                        "slot free to first epoch, less the epoch" if startups else "n/a"),
-        ("    of which set-up, median", f"{median(setups):.1f} s (data, tokenizer, model); {len(workers)} worker "
-                                        f"processes for {len(asha_state.doc['trials'])} trials"),
+        ("    of which set-up, median", f"{statistics.median(setups):.1f} s (data, tokenizer, model); {len(workers)} worker "
+                                        f"processes for {len(asha_state.doc['trials'])} trials" if setups else "n/a"),
         ("    slot utilisation, ASHA", f"{asha_busy / (asha_wall * args.num_cpus):.0%} of {args.num_cpus} x wall time "
                                        "trains, validates or tests"),
         ("(c) epochs, ASHA / full grid", f"{asha_epochs} / {full_epochs} = {asha_epochs / max(full_epochs, 1):.0%}"),

@@ -104,7 +104,6 @@ class MlflowSweepCallback(tune.Callback):
         with _logging_failures(trial, "start"):
             self._logger(trial)
             record = self.state.trial(trial.trial_id)
-            record.setdefault("started_at", time.time())
             if "queued_at" not in record:
                 record["queued_at"] = self._free_since.pop(0) if self._free_since else self._fit_started
 
