@@ -21,6 +21,7 @@ import time
 import numpy as np
 import pandas as pd
 import torch
+from omegaconf import OmegaConf
 
 from tokbench.data.genes import gene_table
 from tokbench.data.prepared import PreparedData
@@ -29,6 +30,7 @@ from tokbench.tokenizers import build_tokenizer, load_component
 PRESET_FE = {
     "geneformer": "zero",
     "geneformer_random": "zero",
+    "log_expression": "zero",
     "scgpt": "bin_scgpt",
     "scbert": "bin_scbert",
     "uce": "zero",
@@ -38,7 +40,8 @@ PRESET_FE = {
 
 
 def synthetic_batch(rng: np.random.Generator, batch_size: int, n_genes: int, expressed: int):
-    """One CSR batch: about ``expressed`` genes per cell, values log1p(counts / total * 1e4)."""
+    """One CSR batch: about ``expressed`` genes per cell, values log1p(counts / total * 1e4),
+    and each cell's total count (the library size the raw-count tokenizers read back)."""
     mask = rng.random((batch_size, n_genes), dtype=np.float32) < expressed / n_genes
     rows, cols = np.nonzero(mask)
     counts = rng.negative_binomial(2, 0.4, size=len(rows)).astype(np.float32) + 1
@@ -46,11 +49,12 @@ def synthetic_batch(rng: np.random.Generator, batch_size: int, n_genes: int, exp
     np.cumsum(mask.sum(1), out=indptr[1:])
     totals = np.add.reduceat(counts, indptr[:-1])
     values = np.log1p(counts / np.repeat(totals, np.diff(indptr)) * 1e4).astype(np.float32)
-    return indptr, cols.astype(np.int32), values
+    return indptr, cols.astype(np.int32), values, totals.astype(np.float64)
 
 
-def synthetic_dataset(n_genes: int, indptr, indices, values) -> PreparedData:
-    """A PreparedData over real gene symbols (positions from the shipped gene table)."""
+def synthetic_dataset(n_genes: int, indptr, indices, values, totals) -> PreparedData:
+    """A PreparedData over real gene symbols (positions from the shipped gene table) whose
+    per-cell counts are ``totals`` (every cell of the stream, in stream order)."""
     genes = gene_table().iloc[:n_genes]
     n_cells = len(indptr) - 1
     return PreparedData(
@@ -58,7 +62,7 @@ def synthetic_dataset(n_genes: int, indptr, indices, values) -> PreparedData:
         gene_ids=genes["symbol"].to_numpy(dtype=object), gene_symbols=genes["symbol"].to_numpy(dtype=object),
         gene_chromosome=genes["chromosome"].to_numpy(dtype=object), gene_start=genes["start"].to_numpy(np.int64),
         labels=np.zeros(n_cells, np.int64), class_names=["cell"], split=np.zeros(n_cells, np.int8),
-        obs=pd.DataFrame(index=pd.RangeIndex(n_cells)),
+        obs=pd.DataFrame(index=pd.RangeIndex(n_cells)), library_size=totals, total_counts=totals,
     )
 
 
@@ -66,7 +70,7 @@ def cells_per_second(tokenizer, batches, device: str, repeats: int) -> float:
     """Tokenise the batches ``repeats`` times (fresh epochs); return cells per second."""
     def run(epoch: int) -> int:
         cells = 0
-        for i, (indptr, indices, values) in enumerate(batches):
+        for i, (indptr, indices, values, _) in enumerate(batches):
             ids = np.arange(len(indptr) - 1, dtype=np.int64) + i * (len(indptr) - 1)
             sentences = tokenizer.sentences_from_csr(indptr, indices, values, ids, epoch, device)
             cells += len(ids)
@@ -98,8 +102,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     batches = [synthetic_batch(rng, args.batch_size, args.genes, args.expressed) for _ in range(args.batches)]
     if args.distinct_values:
-        batches = [(p, i, (v * rng.uniform(0.5, 1.5, len(v))).astype(np.float32)) for p, i, v in batches]
-    data = synthetic_dataset(args.genes, *batches[0])
+        batches = [(p, i, (v * rng.uniform(0.5, 1.5, len(v))).astype(np.float32), t) for p, i, v, t in batches]
+    indptr, indices, values, _ = batches[0]
+    data = synthetic_dataset(args.genes, indptr, indices, values, np.concatenate([b[3] for b in batches]))
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     mean_nnz = np.mean([np.diff(b[0]).mean() for b in batches])
     print(f"{args.genes} genes, {mean_nnz:.0f} expressed per cell"
@@ -108,8 +113,11 @@ def main() -> None:
     print(f"{'preset':<20}{'fe':<12}{'max_length':>11}" + "".join(f"{d + ' cells/s':>16}" for d in devices))
     for preset in args.presets:
         fe = PRESET_FE.get(preset, "zero")
+        fc = load_component("fc", preset)
+        if fc.select.name == "panel":  # scBERT's sentence is the whole panel, zeros included
+            fc = OmegaConf.merge(fc, OmegaConf.from_dotlist([f"select.size={args.genes}"]))
         tokenizer = build_tokenizer(load_component("fg", "learned"), load_component("fe", fe),
-                                    load_component("fc", preset), data, d_model=64, seed=0)
+                                    fc, data, d_model=64, seed=0)
         rates = [cells_per_second(tokenizer, batches, device, args.repeats) for device in devices]
         print(f"{preset:<20}{fe:<12}{tokenizer.max_length:>11}" + "".join(f"{r:>16,.0f}" for r in rates))
 

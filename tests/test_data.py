@@ -36,12 +36,17 @@ def prepare(path, tmp_path, split=None, **dataset):
 
 def test_gene_table_is_genomic_and_unique():
     table = gene_table()
-    assert len(table) > 50_000
+    assert len(table) > 30_000
     assert not table["symbol"].duplicated().any() and not table["ensembl_id"].duplicated().any()
     ranks = table["chromosome"].map(chromosome_rank).to_numpy()
     assert (np.diff(ranks) >= 0).all()
-    cd3e = table.set_index("symbol").loc["CD3E"]
-    assert (cd3e["ensembl_id"], cd3e["chromosome"]) == ("ENSG00000198851", "11")
+    by_symbol = table.set_index("symbol")
+    assert tuple(by_symbol.loc["CD3E", ["ensembl_id", "chromosome"]]) == ("ENSG00000198851", "11")
+    # Y and mitochondrial genes are in the table, under the symbols 10x data use
+    assert by_symbol.loc["RPS4Y1", "chromosome"] == "Y" and by_symbol.loc["RPS4Y1", "start"] > 0
+    assert {"MT-ND1", "MT-CO1", "MT-CYB", "MT-ATP6"} <= set(table.loc[table["chromosome"] == "MT", "symbol"])
+    assert table["symbol"].str.fullmatch(r"[A-Z][A-Z0-9]{1,9}").sum() > 20_000
+    assert (table["start"] > 0).mean() > 0.6
 
 
 def test_map_genes_symbols_ensembl_and_mixed():
@@ -52,6 +57,12 @@ def test_map_genes_symbols_ensembl_and_mixed():
     assert by_ensembl.id_kind == "ensembl" and list(by_ensembl.symbol) == ["CD14", "MS4A1"]
     mixed = map_genes(["CD3E", "ENSG00000170458"])
     assert list(mixed.symbol) == ["CD3E", "CD14"]
+
+
+def test_map_genes_maps_earlier_symbols_through_their_alias(pbmc_counts):
+    mapped = map_genes(["H2AFY", "IGJ", "CD3E"])
+    assert list(mapped.symbol) == ["MACROH2A1", "JCHAIN", "CD3E"]
+    assert map_genes(pbmc_counts.var_names).fraction_mapped > 0.97
 
 
 def test_map_genes_refuses_unknown_ids():
@@ -157,6 +168,34 @@ def test_gene_median_nonzero_over_training_cells(pbmc_h5ad, tmp_path):
     expected = [np.median(train.data[train.indptr[j] : train.indptr[j + 1]]) if train.indptr[j + 1] > train.indptr[j] else np.nan for j in range(data.n_genes)]
     np.testing.assert_allclose(data.gene_median_nonzero(), expected, rtol=1e-6)
     assert (data.path / "gene_median_nonzero.npy").exists()
+
+
+def test_cache_keeps_each_cells_counts_and_geneformer_medians(pbmc_counts, tmp_path):
+    # Gene 0 is expressed only in test cells, so min_cells drops it: the library size (what
+    # normalize_total divided by) then differs from the whole cell's total count.
+    adata = pbmc_counts.copy()
+    train = (adata.obs["split"] == "train").to_numpy()
+    dense = adata.X.toarray()
+    dense[:, 0] = np.where(train, 0, 50)
+    adata.X = sp.csr_matrix(dense)
+    path = tmp_path / "counts.h5ad"
+    adata.write_h5ad(path)
+    data = prepare(path, tmp_path, split=dict(kind="predefined", key="split", train=["train"], val=["val"],
+                                              test=["test"]), label_key="bulk_labels")
+    counts = adata[np.load(data.path / "obs_names.npy")]
+    x = counts.X.toarray().astype(np.float64)
+    cols = counts.var_names.get_indexer(data.gene_ids)
+    assert 0 not in cols
+    np.testing.assert_array_equal(data.total_counts, x.sum(1))
+    np.testing.assert_array_equal(data.library_size, x[:, cols].sum(1))
+    indptr, indices, values = data.rows(np.arange(data.n_cells))
+    cell = np.repeat(np.arange(data.n_cells), np.diff(indptr))
+    np.testing.assert_array_equal(data.raw_counts(values, cell), x[cell, cols[indices]])
+    # Geneformer: count / whole-cell total * 1e4, median of the nonzero training values in linear space
+    normalised = (x / x.sum(1, keepdims=True) * 1e4)[data.split_indices("train")][:, cols]
+    expected = [np.median(g[g > 0]) if (g > 0).any() else np.nan for g in normalised.T]
+    np.testing.assert_allclose(data.gene_median_normalised(), expected, rtol=1e-9)
+    assert (data.path / "gene_median_normalised.npy").exists()
 
 
 def test_rows_gathers_in_the_given_order(pbmc_h5ad, tmp_path):

@@ -24,7 +24,7 @@ def sweep_command(path, *extra):
 
 
 def test_killed_driver_then_resume(tiny_atlas, tmp_path):
-    path = write_sweep(tmp_path, tiny_atlas, grid={"fc": ["geneformer", "scgpt", "scbert"]}, baseline=False,
+    path = write_sweep(tmp_path, tiny_atlas, grid={"fc": ["geneformer", "scgpt", "log_expression"]}, baseline=False,
                        scheduler={"name": "none"}, max_epochs=3)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
     state_file = state_path(tmp_path / "results" / "resumable")
@@ -47,7 +47,7 @@ def test_killed_driver_then_resume(tiny_atlas, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     trials = json.loads(state_file.read_text())["trials"]
     assert len(trials) == 3, resumed.stdout[-4000:]
-    assert all(t["end_state"] == "completed" for t in trials.values())
+    assert all(t.get("end_state") == "completed" for t in trials.values()), ({k: t.get("end_state") for k, t in trials.items()}, resumed.stderr[-3000:])
     for trial_id, before in finished_before.items():  # finished trials were not rerun
         assert trials[trial_id]["history"] == before["history"]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -58,4 +58,4 @@ def test_killed_driver_then_resume(tiny_atlas, tmp_path):
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_mcc")]
         assert steps == [1, 2, 3]
-    assert "learned/zero/scbert" in resumed.stdout or "scbert" in resumed.stdout
+    assert "log_expression" in resumed.stdout

@@ -50,12 +50,12 @@ def make_prepared(matrix, *, chromosome=None, start=None, split=None, gene_ids=N
 
 
 # Six genes; cell 0 expresses G1=3, G2=1, G4=2, G5=2; cell 1 nothing; cell 2 G0=5, G3=0.5.
-# Positions: G0 chr1:100, G1 chr2:50, G2 chr1:10, G3 chrX:5, G4 unplaced, G5 chr2:20.
+# Positions: G0 chr1:100, G1 chr2:50, G2 chr1:10, G3 chrX:5, G4 no chromosome, G5 chr2:20.
 MATRIX = [[0, 3.0, 1.0, 0, 2.0, 2.0], [0, 0, 0, 0, 0, 0], [5.0, 0, 0, 0.5, 0, 0]]
 CHROMOSOME = ["1", "2", "1", "X", "", "2"]
 START = [100, 50, 10, 5, -1, 20]
 G = [N_SPECIAL + j for j in range(6)]  # token of gene j
-CHR1, CHR2, CHRX, UNPLACED = (N_SPECIAL + 6 + g for g in range(4))
+CHR1, CHR2, CHRX = (N_SPECIAL + 6 + g for g in range(3))
 
 
 @pytest.fixture(scope="module")
@@ -138,23 +138,24 @@ def test_chromosome_order_groups_with_open_and_end_tokens(cells6):
     tokenizer, _ = tokenize(cells6, fc(order="chromosome"))
     chr1 = [CHR1, G[2], CHROM_END]
     chr2 = [CHR2, G[5], G[1], CHROM_END]  # by start: G5 at 20, G1 at 50
-    unplaced = [UNPLACED, G[4], CHROM_END]  # genes without a position: always last
     seen = set()
     for epoch in range(12):
         s = tokenizer.sentences(np.arange(3), epoch)
-        cell0 = s.gene_tokens[0].tolist()
-        assert cell0 in ([CLS] + chr1 + chr2 + unplaced, [CLS] + chr2 + chr1 + unplaced)
+        cell0 = [t for t in s.gene_tokens[0].tolist() if t != PAD]
+        # G4 has no chromosome: left out, as UCE drops genes missing from its chromosome file
+        assert cell0 in ([CLS] + chr1 + chr2, [CLS] + chr2 + chr1)
         seen.add(cell0[1])
         cell2 = s.gene_tokens[2].tolist()
         assert [t for t in cell2 if t != PAD] in ([CLS, CHR1, G[0], CHROM_END, CHRX, G[3], CHROM_END],
                                                  [CLS, CHRX, G[3], CHROM_END, CHR1, G[0], CHROM_END])
-        assert s.gene_tokens[1].tolist() == [CLS] + [PAD] * 10
+        assert set(s.gene_tokens[1].tolist()[1:]) <= {PAD}
         # chromosome tokens are special and carry no expression
-        assert s.special[0].tolist() == [t < N_SPECIAL or t >= N_SPECIAL + 6 for t in cell0]
+        assert s.special[0].tolist() == [t < N_SPECIAL or t >= N_SPECIAL + 6 for t in s.gene_tokens[0].tolist()]
         assert s.expression[0][s.special[0]].abs().sum() == 0
     assert seen == {CHR1, CHR2}  # the chromosome order is drawn, not fixed
-    assert tokenizer.max_length == 1 + 10 + 2 * 4
-    assert tokenizer.vocab_size == N_SPECIAL + 6 + 4
+    assert tokenizer.max_length == 1 + 10 + 2 * 3
+    assert tokenizer.vocab_size == N_SPECIAL + 6 + 3
+    assert tokenizer.params()["fc.order.genes_without_chromosome"] == 1
 
 
 def test_chromosome_order_without_positions_is_refused():
@@ -210,7 +211,7 @@ def test_weighted_sample_without_replacement_never_repeats(cells6):
 
 def test_uce_preset_reproduces_its_recipe(cells6):
     tokenizer, s = tokenize(cells6, load_component("fc", "uce"))
-    assert s.gene_tokens.shape[1] == 1 + 1024 + 2 * 3  # cell 0: three groups
+    assert s.gene_tokens.shape[1] == 1 + 1024 + 2 * 2  # cells 0 and 2: two groups each
     cell2 = s.gene_tokens[2]
     genes = cell2[(cell2 >= N_SPECIAL) & (cell2 < N_SPECIAL + 6)]
     assert len(genes) == 1024 and set(genes.tolist()) <= {G[0], G[3]}
@@ -221,11 +222,11 @@ def test_uce_preset_reproduces_its_recipe(cells6):
 # -- expression encoders and combine ----------------------------------------------------------
 
 
-def test_bin_scbert_is_the_capped_integer_part_shifted_by_one():
+def test_bin_scbert_is_the_capped_log2_class_shifted_by_one():
     data = make_prepared([[0.5, 1.0, 2.7, 6.99, 9.5]])
     _, s = tokenize(data, fc(order="gene_index"), fe="bin_scbert")
-    # ids 1 + min(floor(x), 7); 0 is kept for special tokens
-    assert rows(s.expression_bins) == [[0, 1, 2, 3, 7, 8]]
+    # ids 1 + min(floor(log2(1 + expm1(x))), 5) = 1 + min(floor(x / ln 2), 5); 0 is kept for special tokens
+    assert rows(s.expression_bins) == [[0, 1, 2, 4, 6, 6]]
 
 
 def test_bin_scgpt_matches_scgpt_digitize_with_tie_breaks(cells6):
@@ -298,20 +299,22 @@ def test_every_preset_loads_and_builds(cells6):
     assert set(preset_names("fg")) == {"learned", "pretrained"}
     for name in preset_names("fc"):
         cfg = load_component("fc", name)
-        fe = "zero" if cfg.combine.name == "gene_only" else "bin_scgpt"
+        fe = "zero" if cfg.combine.name == "gene_only" else "bin_scbert" if name == "scbert" else "bin_scgpt"
         tokenizer = build_tokenizer(load_component("fg", "learned"), load_component("fe", fe), cfg, cells6, 8, 1)
         assert tokenizer.describe()["preset"] == name
         assert set(tokenizer.describe()) == {"fg", "fe", "fc", "order", "select", "combine", "preset"}
     assert load_component("fc", "geneformer").select.size == 2048
-    assert load_component("fc", "scgpt").select.size == 1200
+    assert load_component("fc", "scgpt").select.size == 1199  # + CLS = scGPT's max_len 1200
     assert load_component("fe", "bin_scgpt").n_bins == 51
-    assert load_component("fe", "bin_scbert").n_bins == 7
+    assert load_component("fe", "bin_scbert").n_bins == 5
+    assert load_component("fc", "geneformer").order.normalize_by_median
+    assert not load_component("fc", "log_expression").order.normalize_by_median
 
 
 def test_overrides_merge_into_presets(cells6):
     cfg = OmegaConf.merge(load_component("fc", "uce"), OmegaConf.from_dotlist(["select.size=512"]))
     tokenizer = build_tokenizer(FgConfig(), load_component("fe", "zero"), cfg, cells6, 8, 0)
-    assert tokenizer.max_length == 1 + 512 + 2 * 4
+    assert tokenizer.max_length == 1 + 512 + 2 * 3
     assert tokenizer.describe()["preset"] == "custom" and tokenizer.describe()["fc"] == "uce"
     assert tokenizer.params()["fc.select.size"] == 512
 

@@ -22,12 +22,13 @@ CHROMOSOMES = ["1", "2", "3", "X", ""]
 
 
 def random_data(seed: int, n_cells: int, n_genes: int, density: float):
-    """Integer-valued log values 1..5 (many ties), some genes without a position."""
+    """Integer-valued log values 1..5 (many ties), some genes without a chromosome and some
+    on a chromosome without a start (as the table's MT genes)."""
     rng = np.random.default_rng(seed)
     matrix = sp.random(n_cells, n_genes, density=density, format="csr", random_state=rng,
                        data_rvs=lambda k: rng.integers(1, 6, k).astype(np.float32))
     chromosome = rng.choice(CHROMOSOMES, n_genes)
-    start = np.where(chromosome == "", -1, rng.integers(0, 50, n_genes))
+    start = np.where((chromosome == "") | (rng.random(n_genes) < 0.2), -1, rng.integers(0, 50, n_genes))
     chromosome[0] = "1"  # at least one placed gene
     start[0] = max(start[0], 0)
     return make_prepared(matrix, chromosome=list(chromosome), start=list(start))
@@ -51,6 +52,8 @@ def check_sentences(s, data, cells, order, select, size, resample, max_length):
     for i, cell in enumerate(cells):
         row = slice(data.indptr[cell], data.indptr[cell + 1])
         expressed = dict(zip(data.indices[row].tolist(), data.data[row].tolist()))
+        if order == "chromosome":  # genes without a chromosome never enter (UCE drops them)
+            expressed = {g: v for g, v in expressed.items() if data.gene_chromosome[g] != ""}
         n = len(expressed)
         ids, values, bins = strip(s, i)
         # no PAD inside a sentence: padding is a suffix
@@ -88,24 +91,20 @@ def check_groups(ids, data):
     n_genes = data.n_genes
     groups, i = [], 1
     names = sorted({c for c in data.gene_chromosome if c}, key=lambda c: ("123X".index(c), c))
-    unplaced_token = N_SPECIAL + n_genes + len(names)
     while i < len(ids):
         opener = ids[i]
         assert opener >= N_SPECIAL + n_genes, "every group opens with its chromosome token"
         end = ids.index(CHROM_END, i)
         members = [t - N_SPECIAL for t in ids[i + 1 : end]]
         assert members, "no empty group"
-        if opener == unplaced_token:
-            assert all(data.gene_start[g] < 0 or data.gene_chromosome[g] == "" for g in members)
-        else:
-            name = names[opener - N_SPECIAL - n_genes]
-            assert all(data.gene_chromosome[g] == name for g in members)
-            keys = [(data.gene_start[g], g) for g in members]
-            assert keys == sorted(keys), "genes inside a group by genomic start"
+        name = names[opener - N_SPECIAL - n_genes]
+        assert all(data.gene_chromosome[g] == name for g in members)
+        # by genomic start, genes without a start after the others, then by gene index
+        keys = [(data.gene_start[g] < 0, data.gene_start[g], g) for g in members]
+        assert keys == sorted(keys), "genes inside a group by genomic start"
         groups.append(opener)
         i = end + 1
     assert len(groups) == len(set(groups)), "each chromosome forms one contiguous group"
-    assert unplaced_token not in groups[:-1], "the unplaced group comes last"
 
 
 def check_bins(genes, bins, is_gene, expressed, all_bins):
@@ -310,8 +309,9 @@ def long_rows(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("select", ["truncate", "sample", "weighted_sample", "weighted_resample"])
 def test_compiled_kernel_gives_the_array_path_sentences(order, select):
     # Rows long enough for every radix-sort pass, sizes above and below the row lengths,
-    # Geneformer's median normalisation, genes a pretrained file lacks, and 70 chromosomes
-    # (more groups than the insertion sort handles) plus unplaced genes.
+    # Geneformer's medians (on the stored values, and on raw counts over each cell's total),
+    # UCE's raw-count weights, genes a pretrained file lacks, and 70 chromosomes (more
+    # groups than the insertion sort handles) plus genes without a chromosome.
     from tokbench.tokenizers.constructor import SentenceBuilder, chromosome_layout
 
     indptr, indices, values = long_rows(7)
@@ -320,11 +320,22 @@ def test_compiled_kernel_gives_the_array_path_sentences(order, select):
     chromosome = rng.choice([str(c) for c in range(1, 71)] + [""], 6_000)
     start = np.where(chromosome == "", -1, rng.integers(0, 10_000, 6_000))
     layout = chromosome_layout(chromosome, start, np.arange(6_000))
-    options = [{}, {"median_factor": rng.uniform(0.1, 3, 6_000).astype(np.float32)} if order == "expression"
-               else {"gene_keep": rng.random(6_000) < 0.8}]
+    n_cells = len(indptr) - 1
+    # per-cell scales index global cells: those options use small cell ids
+    few = np.arange(n_cells, dtype=np.int64) * 7 + 3
+    scales = {"count_scale": rng.uniform(0.05, 30, few[-1] + 1), "total_scale": rng.uniform(0.2, 1.0, few[-1] + 1)}
+    options = [({}, cells), ({"gene_keep": rng.random(6_000) < 0.8}, cells)]
+    # The per-cell scales only change the keys and weights (bins and sizes are covered above).
+    scaled = []
+    if order == "expression":
+        median = rng.uniform(0.1, 300, 6_000)
+        options[1] = ({"gene_median": median, "gene_keep": rng.random(6_000) < 0.8}, cells)
+        scaled = [({"gene_median": median, **scales}, few)]
+    if select.startswith("weighted"):
+        scaled = [({**scales, "gene_keep": rng.random(6_000) < 0.8}, few)]
     for size in (40, 1_200, 5_000):
-        for bins in (None, ("scbert", 7), ("scgpt", 51)):
-            for extra in options:
+        for bins in (None, ("scbert", 5), ("scgpt", 51)):
+            for extra, cells in options + (scaled if bins is None and size == 1_200 else []):
                 builder = SentenceBuilder(order=order, select=select.replace("_resample", "_sample"), size=size,
                                           n_genes=6_000, seed=3, bins=bins, resample=select == "weighted_resample",
                                           layout=layout if order == "chromosome" else None, **extra)

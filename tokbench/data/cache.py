@@ -24,7 +24,9 @@ import numpy as np
 
 log = logging.getLogger("tokbench.data")
 
-FORMAT_VERSION = 1
+# 2: per-cell library_size.npy and total_counts.npy (raw counts for UCE, whole-cell totals
+# for Geneformer); entries of format 1 lack them and are rebuilt.
+FORMAT_VERSION = 2
 META = "meta.json"
 
 

@@ -1,7 +1,10 @@
 """The human (GRCh38) gene table shipped with tokbench: symbol <-> Ensembl id <-> position.
 
-Built by ``scripts/build_gene_table.py`` from the Ensembl BioMart annotation carried in the
-``copykat-python`` 1.1.0.post1 wheel (``copykat/resources/full_anno_hg38.parquet``).
+Built by ``scripts/build_gene_table.py`` from Bioconductor's ``org.Hs.eg.db`` SQLite
+database as Debian's ``r-bioc-org.hs.eg.db`` 3.16.0-1 ships it: NCBI Entrez Gene symbols
+and chromosomes (1-22, X, Y, MT), Ensembl gene ids, UCSC GRCh38 (hg38) start/end. Earlier
+symbols (``H2AFY``, ``IGJ``, ...) map through Entrez Gene's alias table when they name a
+single gene.
 """
 
 from __future__ import annotations
@@ -23,12 +26,23 @@ _ENSEMBL = re.compile(r"^ENSG\d{11}(\.\d+)?$")
 def gene_table() -> pd.DataFrame:
     """Return the gene table: columns ``symbol``, ``ensembl_id``, ``chromosome``, ``start``, ``end``.
 
-    ``start``/``end`` are 1-based GRCh38 base-pair coordinates; ``chromosome`` is
-    ``"1"``..``"22"`` or ``"X"``. Rows are in genomic order.
+    ``start``/``end`` are 1-based GRCh38 base-pair coordinates, -1 where the annotation
+    has the chromosome but no position (most ``MT`` genes); ``chromosome`` is ``"1"``..
+    ``"22"``, ``"X"``, ``"Y"`` or ``"MT"``. Rows are in genomic order (chromosomes 1..22, X,
+    Y, MT; genes without a position last within their chromosome).
     """
     path = resources.files("tokbench.data") / "resources" / "genes_grch38.tsv.gz"
     with resources.as_file(path) as p:
-        return pd.read_csv(p, sep="\t", dtype={"chromosome": str})
+        return pd.read_csv(p, sep="\t", dtype={"chromosome": str}, keep_default_na=False)
+
+
+@functools.cache
+def gene_aliases() -> pd.Series:
+    """Earlier or alternative symbols (upper case) -> Ensembl id of the one gene they name."""
+    path = resources.files("tokbench.data") / "resources" / "gene_aliases_grch38.tsv.gz"
+    with resources.as_file(path) as p:
+        aliases = pd.read_csv(p, sep="\t", dtype=str, keep_default_na=False)
+    return pd.Series(aliases["ensembl_id"].to_numpy(), index=aliases["alias"].str.upper().to_numpy())
 
 
 def chromosome_rank(chromosome: str) -> int:
@@ -44,7 +58,8 @@ class GeneMapping:
     """How a dataset's gene ids map onto the gene table.
 
     All arrays are aligned with the input ids. ``symbol`` and ``ensembl_id`` are ``""``,
-    ``chromosome`` is ``""`` and ``start`` is ``-1`` where a gene is not in the table.
+    ``chromosome`` is ``""`` and ``start`` is ``-1`` where a gene is not in the table
+    (``start`` is also -1 for a gene whose chromosome is known but position is not).
     """
 
     input_ids: np.ndarray
@@ -57,7 +72,7 @@ class GeneMapping:
     @property
     def mapped(self) -> np.ndarray:
         """Boolean mask of genes found in the table."""
-        return self.start >= 0
+        return self.ensembl_id != ""
 
     @property
     def fraction_mapped(self) -> float:
@@ -78,7 +93,13 @@ def map_genes(gene_ids, *, where: str = "gene ids", min_fraction: float = 0.5) -
     # Each id is looked up by its own kind, so a var index mixing symbols and Ensembl ids
     # (common after concatenating datasets) maps as far as it can.
     by_ensembl = pd.Index(table["ensembl_id"]).get_indexer([g.split(".")[0] for g in ids])
-    by_symbol = pd.Index(table["symbol"].str.upper()).get_indexer([g.upper() for g in ids])
+    upper = [g.upper() for g in ids]
+    by_symbol = pd.Index(table["symbol"].str.upper()).get_indexer(upper)
+    # An earlier symbol (older annotations, e.g. scanpy's pbmc68k_reduced) maps through
+    # its alias when the current symbols miss it.
+    aliases = gene_aliases()
+    via_alias = pd.Index(table["ensembl_id"]).get_indexer(aliases.reindex(upper).fillna("").to_numpy())
+    by_symbol = np.where(by_symbol >= 0, by_symbol, via_alias)
     rows = np.where(looks_ensembl, by_ensembl, by_symbol)
     hit = rows >= 0
     fraction = float(hit.mean()) if len(ids) else 0.0

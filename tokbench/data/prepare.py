@@ -8,6 +8,11 @@ Two passes over the count matrix, one chunk of rows at a time:
    genes on them alone, so test cells never influence the gene set;
 3. normalise every cell with scanpy (``normalize_total``, ``log1p``) and append it to the
    cache's CSR arrays.
+
+Beside the matrix the cache keeps two counts per cell, so tokenizers can use raw counts
+(UCE's sampling weights) and the whole cell's total (Geneformer's normalisation):
+``library_size.npy`` (the count total ``normalize_total`` divided by) and
+``total_counts.npy`` (every gene of the input, before any filter).
 """
 
 from __future__ import annotations
@@ -108,16 +113,19 @@ def open_prepared(entry: Path, meta: dict | None = None) -> PreparedData:
         obs=obs,
         meta=meta,
         path=entry,
+        library_size=load("library_size"),
+        total_counts=load("total_counts"),
     )
 
 
 def _validate(entry: Path, meta: dict) -> None:
     shapes = {}
-    for name in ("indptr", "indices", "data", "labels", "split"):
+    for name in ("indptr", "indices", "data", "labels", "split", "library_size", "total_counts"):
         arr = np.load(entry / f"{name}.npy", mmap_mode="r")
         shapes[name] = arr.shape[0]
     n, nnz = meta["n_cells"], meta["nnz"]
-    expected = {"indptr": n + 1, "indices": nnz, "data": nnz, "labels": n, "split": n}
+    expected = {"indptr": n + 1, "indices": nnz, "data": nnz, "labels": n, "split": n,
+                "library_size": n, "total_counts": n}
     for name, length in expected.items():
         if shapes[name] != length:
             raise ValueError(f"{name}.npy has {shapes[name]} entries, expected {length}")
@@ -150,6 +158,7 @@ def _build(path: Path, ds: dict, split_cfg: dict, out: Path, fingerprint: dict, 
 
         # Pass 1: validate counts, find empty cells and genes, count training cells per gene.
         cell_nnz = np.zeros(n_cells, dtype=np.int64)
+        cell_total = np.zeros(n_cells, dtype=np.float64)  # every gene of the file: Geneformer's n_counts
         gene_cells_all = np.zeros(n_genes, dtype=np.int64)
         gene_cells_train = np.zeros(n_genes, dtype=np.int64)
         non_integer = False
@@ -166,6 +175,7 @@ def _build(path: Path, ds: dict, split_cfg: dict, out: Path, fingerprint: dict, 
             nz = block.copy()
             nz.eliminate_zeros()
             cell_nnz[start : start + block.shape[0]] = np.diff(nz.indptr)
+            cell_total[start : start + block.shape[0]] = np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
             gene_cells_all += np.bincount(nz.indices, minlength=n_genes)
             train_rows = split[start : start + block.shape[0]] == SPLIT_CODES["train"]
             gene_cells_train += np.bincount(nz[train_rows].indices, minlength=n_genes)
@@ -208,12 +218,15 @@ def _build(path: Path, ds: dict, split_cfg: dict, out: Path, fingerprint: dict, 
         indices = cache.NpyAppender(out / "indices.npy", np.int32, capacity)
         data = cache.NpyAppender(out / "data.npy", np.float32, capacity)
         row_nnz = np.zeros(len(cells), dtype=np.int64)
+        library_size = np.zeros(len(cells), dtype=np.float64)
         done = 0
         for start, block in src.row_chunks(chunk):
             rows = keep_cells[start : start + block.shape[0]]
             if not rows.any():
                 continue
-            normalised = _normalise(block[rows][:, gene_cols], ds)[:, hvg_cols]
+            kept = block[rows][:, gene_cols]
+            library_size[done : done + kept.shape[0]] = np.asarray(kept.sum(axis=1), dtype=np.float64).ravel()
+            normalised = _normalise(kept, ds)[:, hvg_cols]
             normalised.eliminate_zeros()
             normalised.sort_indices()
             indices.append(normalised.indices)
@@ -225,6 +238,8 @@ def _build(path: Path, ds: dict, split_cfg: dict, out: Path, fingerprint: dict, 
         indptr = np.zeros(len(cells) + 1, dtype=np.int64)
         np.cumsum(row_nnz, out=indptr[1:])
         np.save(out / "indptr.npy", indptr)
+        np.save(out / "library_size.npy", library_size)
+        np.save(out / "total_counts.npy", cell_total[cells])
 
         kept_labels = labels_str[cells]
         class_names = sorted(set(kept_labels))

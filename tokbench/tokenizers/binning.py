@@ -6,18 +6,33 @@ never gets it, so a bin embedding can never confuse a special token with a value
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from tokbench.tokenizers import kernels
 
 
-def scbert_bins(values: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """scBERT bins: ``1 + min(floor(x), n_bins)`` for log-normalised values x > 0.
+def scbert_edges(n_bins: int) -> np.ndarray:
+    """float32 class edges of scBERT's bins on log1p values: ``log1p(2**k - 1)``, k = 1..n_bins.
 
-    Ids run 1..n_bins+1 (scBERT's categories 0..B shifted by one to keep 0 for special
-    tokens), so the embedding table has ``n_bins + 2`` rows.
+    scBERT's class of a normalised count c is ``min(floor(log2(1 + c)), n_bins)``
+    (``preprocess.py``: ``sc.pp.log1p(base=2)``; ``finetune.py``: values above
+    ``CLASS - 2`` set to it, then ``.long()``). On the stored ``x = log1p(c)`` that is the
+    number of k with ``c >= 2**k - 1``, i.e. ``x >= log1p(2**k - 1)``: comparing with edges
+    computed like the stored values (float32 log1p) is exact at the class boundaries, where
+    ``floor(x / ln 2)`` in floating point can fall one class short.
     """
-    return values.floor().clamp_(max=n_bins).to(torch.int64) + 1
+    return np.log1p(np.float32(2.0) ** np.arange(1, n_bins + 1, dtype=np.float32) - np.float32(1)).astype(np.float32)
+
+
+def scbert_bins(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """scBERT bin ids of log-normalised values: ``1 + class``, class = edges at or below x.
+
+    Ids run 1..n_bins+1 (scBERT's classes 0..n_bins shifted by one to keep 0 for special
+    tokens; a zero-expressed gene is class 0, id 1), so the embedding table has
+    ``n_bins + 2`` rows.
+    """
+    return torch.bucketize(values, edges.to(values.device), right=True) + 1
 
 
 def scgpt_bins(

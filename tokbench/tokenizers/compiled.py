@@ -127,7 +127,7 @@ def count_expressed(indptr, indices, values, keep):
 @numba.njit(cache=True, nogil=True)
 def fill_sentences(
     indptr, indices, values, order_bits, select_bits, draw_u, weights, keep, cells, n_expressed,
-    select, order, size, keys, bin_kind, n_bins, group_of_gene, genomic_rank, n_placed, n_genes,
+    select, order, size, keys, bin_kind, n_bins, scbert_edges, group_of_gene, genomic_rank, n_placed, n_genes,
     tokens, expression, special, padding, bins,
 ):
     """Write each row's sentence into the (B, T) outputs; return the longest sentence.
@@ -140,7 +140,8 @@ def fill_sentences(
     ``weights`` the fixed-point weights of the inverse-CDF draws with replacement. ``keep``
     is empty when every gene may enter; ``keys`` are the epoch's stream keys of
     :mod:`kernels` (select, order, bin, chromosome) as uint64; ``group_of_gene`` and
-    ``genomic_rank`` are the chromosome layout (empty for other orders).
+    ``genomic_rank`` are the chromosome layout (empty for other orders); ``scbert_edges``
+    the float32 class edges of ``binning.scbert_edges`` (empty for other bins).
     """
     n_rows, length = tokens.shape
     value_bits = values.view(np.int32)
@@ -292,7 +293,11 @@ def fill_sentences(
             special[r, at] = False
             padding[r, at] = False
             if bin_kind == 1:
-                bins[r, at] = np.int64(min(np.floor(value), np.float32(n_bins))) + 1
+                b = 1
+                for e in range(len(scbert_edges)):
+                    if value >= scbert_edges[e]:
+                        b += 1
+                bins[r, at] = b
             elif bin_kind == 2:
                 # binning.scgpt_bins, with the same float64 operations in the same order
                 slot = slot_of[item[i]]

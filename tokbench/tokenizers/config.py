@@ -59,7 +59,8 @@ class OrderConfig:
 
 @dataclass
 class SelectConfig:
-    """Which expressed genes enter the sentence; ``size`` is L (or S draws for ``weighted_sample``)."""
+    """Which genes enter the sentence; ``size`` is L (S draws for ``weighted_sample``, the
+    largest panel accepted for ``panel``)."""
 
     name: str = "truncate"
     size: Optional[int] = None
@@ -117,7 +118,10 @@ COMPONENTS: dict[str, dict[str, Component]] = {
         "mlp": Component(
             "Linear(1,hidden) > GELU > Linear(hidden,d_model)", {"hidden": (None, "width (default d_model)")}
         ),
-        "bin_scbert": Component("integer part of x, capped at n_bins, embedded", {"n_bins": (7, "cap B")}),
+        "bin_scbert": Component(
+            "scBERT: floor(log2(1 + normalised count)) capped at n_bins, embedded",
+            {"n_bins": (5, "cap B (classes 0..B)")},
+        ),
         "bin_scgpt": Component(
             "per-cell quantile bins of the nonzero values, embedded + LayerNorm",
             {"n_bins": (51, "B, including the zero bin")},
@@ -130,7 +134,7 @@ COMPONENTS: dict[str, dict[str, Component]] = {
     "order": {
         "expression": Component(
             "descending expression; ties by gene index",
-            {"normalize_by_median": (False, "rank expm1(x)/expm1(median) (Geneformer)")},
+            {"normalize_by_median": (False, "rank count/total/median of training cells (Geneformer)")},
         ),
         "random": Component("random permutation, fresh each epoch"),
         "chromosome": Component("chromosome groups in random order, genes by start (UCE)"),
@@ -141,8 +145,12 @@ COMPONENTS: dict[str, dict[str, Component]] = {
         "truncate": Component("the first `size` genes by the order's own key", {"size": (2048, "L")}),
         "sample": Component("`size` genes uniformly without replacement", {"size": (1200, "L")}),
         "weighted_sample": Component(
-            "`size` draws, p ~ log1p(expression)",
+            "`size` draws, p ~ log1p(raw count) (UCE)",
             {"size": (1024, "S draws"), "resample": (True, "with replacement (false: without)")},
+        ),
+        "panel": Component(
+            "every gene of the panel, zeros included (scBERT); order gene_index",
+            {"size": (2048, "L: a larger panel is refused")},
         ),
     },
     "combine": {

@@ -10,32 +10,41 @@ Semantics, exactly:
 
 - A gene is *expressed* in a cell when its log-normalised value is > 0 (and, with a
   pretrained Fg under ``missing: drop``, the file has a vector for it). Nothing else ever
-  enters a sentence.
+  enters a sentence, except under ``panel`` (below).
 - **Selection happens before ordering.** ``truncate`` keeps the ``size`` genes that come
   first under the order's own key (so ``truncate`` + ``expression`` is the top-L by
   expression, ``truncate`` + ``random`` a uniform sample of L in random order, ``truncate``
   + ``none`` the first L in CSR order). ``sample`` picks ``size`` genes uniformly without
   replacement, then orders them; with ``order: random`` the sample's own random keys give
   the order, which is the same distribution. ``weighted_sample`` makes ``size`` draws with
-  probability proportional to the stored value x = log1p(normalised expression): with
+  probability proportional to a weight w (below) of the stored value x: with
   replacement (inverse CDF, a gene may appear several times, always side by side under a
-  deterministic order) or without (Efraimidis-Spirakis keys ``-log(u)/x``). Cells with
-  fewer expressed genes than ``size`` keep all of them (without replacement).
+  deterministic order) or without (Efraimidis-Spirakis keys ``-log(u)/w``). The weight w
+  is UCE's ``log1p(raw count)``, the raw count being ``round(expm1(x) * count_scale)``
+  with the cell's ``library_size / target_sum`` (without ``count_scale``: w = x). Cells
+  with fewer expressed genes than ``size`` keep all of them (without replacement).
+  ``panel`` is every gene of the panel (all genes, or those a pretrained Fg keeps),
+  zero-expressed ones included with value 0, in gene-index order: scBERT's sentence.
 - Ties between equal ranks always go to the entry stored first in the row (the lower gene
   index, as the rows of a PreparedData are sorted).
-- Orders: ``expression`` descending (with
-  ``normalize_by_median`` the key is ``expm1(x) / expm1(median_g)``, Geneformer's
-  normalised counts over the gene's median nonzero training value; genes never expressed
-  in training use the median over genes); ``random``; ``gene_index`` ascending; ``none``
-  keeps the CSR order; ``chromosome`` (UCE): one group per chromosome present, groups in a
-  random order per cell and epoch, genes within a group by genomic start (then gene
-  index). Genes without a chromosome position form one *unplaced* group that always comes
-  last. Each group is opened by its own chromosome token and closed by ``CHROM_END``.
+- Orders: ``expression`` descending (with a ``gene_median`` the key is Geneformer's
+  ``count / total_counts * target_sum / median_g``, the raw count recovered as above and
+  ``total_scale`` = ``target_sum / total_counts``; without the per-cell scales it is
+  ``expm1(x) / median_g``); ``random``; ``gene_index`` ascending; ``none`` keeps the CSR
+  order; ``chromosome`` (UCE): one group per chromosome present (X, Y and MT included),
+  groups in a random order per cell and epoch, genes within a group by genomic start
+  (genes of a chromosome without a start after the others), then gene index. Genes
+  without a chromosome never enter a ``chromosome`` sentence (the tokenizer drops them
+  through ``gene_keep``, as UCE drops genes missing from its chromosome file). Each group
+  is opened by its own chromosome token and closed by ``CHROM_END``.
 - Sentence: ``[CLS, ...]`` padded with PAD to the longest sentence of the batch. Length of
   a sentence is ``1 + k`` genes, plus ``2 * groups`` under ``chromosome`` order, where k
   is ``min(size, expressed)`` (or ``size`` draws with replacement, 0 for an empty cell).
 - Token ids: specials below ``N_SPECIAL``, gene j is ``N_SPECIAL + j``, chromosome group g
-  is ``N_SPECIAL + n_genes + g`` (groups sorted by chromosome, the unplaced group last).
+  is ``N_SPECIAL + n_genes + g`` (groups sorted by chromosome: 1..22, X, Y, MT).
+- ``bin_scbert`` bins: scBERT's class ``min(floor(log2(1 + normalised count)), n_bins)``,
+  as the number of edges ``log1p(2**k - 1)`` (k = 1..n_bins, float32 like the stored
+  values) at or below x, plus one (id 0 stays the special tokens'; a zero is id 1).
 - Random choices use the counter-based streams of :mod:`kernels`: a pure function of
   (seed, epoch, cell index, gene or draw number).
 
@@ -54,7 +63,7 @@ from tokbench.data.genes import chromosome_rank
 from tokbench.errors import TokbenchError
 from tokbench.tokenizers import compiled, kernels
 from tokbench.tokenizers.base import CHROM_END, CLS, N_SPECIAL, PAD, CellSentences
-from tokbench.tokenizers.binning import scbert_bins, scgpt_bins
+from tokbench.tokenizers.binning import scbert_bins, scbert_edges, scgpt_bins
 
 _LOW32 = 0xFFFFFFFF
 _LAST = 0x7FFFFFFF  # rank of entries that must sort after every real one (real ranks are smaller)
@@ -66,26 +75,34 @@ _RANK_BITS = 24  # bits of the genomic rank inside a chromosome-order key
 class ChromosomeLayout:
     """Chromosome groups of the dataset's genes for the ``chromosome`` order.
 
-    ``group_of_gene[j]`` is gene j's group (placed groups sorted by chromosome, then the
-    unplaced group, if any); ``genomic_rank[j]`` sorts genes by (group, start, index).
+    ``group_of_gene[j]`` is gene j's group (groups sorted by chromosome; ``n_placed`` for a
+    gene without a chromosome); ``genomic_rank[j]`` sorts genes by (group, start, index),
+    genes of a chromosome without a start after that chromosome's others; ``placed`` marks
+    the genes with a chromosome (the others never enter a sentence).
     """
 
     group_names: list[str]
     n_placed: int
     group_of_gene: np.ndarray
     genomic_rank: np.ndarray
+    placed: np.ndarray
 
     @property
     def n_groups(self) -> int:
-        """Number of groups, the unplaced one included."""
+        """Number of chromosome groups (= chromosome tokens)."""
         return len(self.group_names)
+
+    @property
+    def n_unplaced(self) -> int:
+        """Genes without a chromosome, which ``chromosome`` sentences leave out."""
+        return int((~self.placed).sum())
 
 
 def chromosome_layout(chromosome: np.ndarray, start: np.ndarray, gene_ids: np.ndarray) -> ChromosomeLayout:
-    """Group genes by chromosome; raise :class:`TokbenchError` when no gene has a position."""
+    """Group genes by chromosome; raise :class:`TokbenchError` when no gene has a chromosome."""
     chromosome = np.asarray(chromosome, dtype=object).astype(str)
     start = np.asarray(start, dtype=np.int64)
-    placed = (chromosome != "") & (start >= 0)
+    placed = chromosome != ""
     if not placed.any():
         examples = ", ".join(map(str, np.asarray(gene_ids)[:5]))
         raise TokbenchError(
@@ -97,13 +114,13 @@ def chromosome_layout(chromosome: np.ndarray, start: np.ndarray, gene_ids: np.nd
     group = np.full(len(start), len(names), dtype=np.int64)
     index = {name: i for i, name in enumerate(names)}
     group[placed] = [index[c] for c in chromosome[placed]]
-    if not placed.all():
-        names = names + ["unplaced"]
     genomic_rank = np.empty(len(start), dtype=np.int64)
-    genomic_rank[np.lexsort((np.arange(len(start)), np.where(placed, start, 0), group))] = np.arange(len(start))
+    no_start = start < 0
+    keys = (np.arange(len(start)), np.where(no_start, 0, start), no_start, group)
+    genomic_rank[np.lexsort(keys)] = np.arange(len(start))
     if len(start) >= 1 << _RANK_BITS or len(names) >= (1 << (31 - _RANK_BITS)) - 1:
         raise TokbenchError(f"chromosome order supports < {1 << _RANK_BITS} genes and < 127 chromosomes")
-    return ChromosomeLayout(names, len(index), group, genomic_rank)
+    return ChromosomeLayout(names, len(index), group, genomic_rank, placed)
 
 
 class SentenceBuilder:
@@ -121,18 +138,39 @@ class SentenceBuilder:
         n_genes: int,
         seed: int,
         resample: bool = True,
-        median_factor: np.ndarray | None = None,
+        gene_median: np.ndarray | None = None,
+        count_scale: np.ndarray | None = None,
+        total_scale: np.ndarray | None = None,
         layout: ChromosomeLayout | None = None,
         gene_keep: np.ndarray | None = None,
         bins: tuple[str, int] | None = None,
     ):
+        """``gene_median`` (per gene, > 0): Geneformer's medians for the ``expression`` order.
+        ``count_scale`` (per dataset cell: ``library_size / target_sum``) turns stored values
+        back into raw counts for UCE's weights and Geneformer's key; ``total_scale`` (per
+        cell: ``target_sum / total_counts``) is Geneformer's normalisation by the whole cell.
+        ``bins``: ``("scbert", cap)`` or ``("scgpt", B)``."""
         if order == "chromosome" and layout is None:
             raise ValueError("chromosome order needs a ChromosomeLayout")
+        if select == "panel" and order != "gene_index":
+            raise ValueError("select 'panel' lists the genes in gene-index order")
         self.order, self.select, self.size, self.resample = order, select, int(size), bool(resample)
         self.n_genes, self.seed, self.layout, self.bins = n_genes, int(seed), layout, bins
-        tables = {}
-        if median_factor is not None:
-            tables["median_factor"] = torch.as_tensor(median_factor, dtype=torch.float32)
+        if order == "chromosome" and not layout.placed.all():
+            # genes without a chromosome never enter (UCE drops genes missing from its chromosome file)
+            gene_keep = layout.placed if gene_keep is None else np.asarray(gene_keep, dtype=bool) & layout.placed
+        keep = np.ones(n_genes, dtype=bool) if gene_keep is None else np.asarray(gene_keep, dtype=bool)
+        self.panel = np.flatnonzero(keep)
+        tables = {"panel": torch.as_tensor(self.panel, dtype=torch.int64)}
+        if gene_median is not None:
+            factor = 1.0 / np.asarray(gene_median, dtype=np.float64)
+            tables["median_factor"] = torch.as_tensor(factor, dtype=torch.float32)
+        if count_scale is not None:
+            tables["count_scale"] = torch.as_tensor(np.asarray(count_scale), dtype=torch.float32)
+        if total_scale is not None:
+            tables["total_scale"] = torch.as_tensor(np.asarray(total_scale), dtype=torch.float32)
+        if bins is not None and bins[0] == "scbert":
+            tables["scbert_edges"] = torch.from_numpy(scbert_edges(bins[1]))
         if layout is not None:
             tables["group_of_gene"] = torch.as_tensor(layout.group_of_gene)
             tables["genomic_rank"] = torch.as_tensor(layout.genomic_rank)
@@ -143,6 +181,8 @@ class SentenceBuilder:
     @property
     def max_length(self) -> int:
         """Longest sentence this builder can produce: CLS + genes (+ chromosome tokens)."""
+        if self.select == "panel":
+            return 1 + len(self.panel)
         groups = min(self.size, self.layout.n_groups) if self.order == "chromosome" else 0
         return 1 + self.size + 2 * groups
 
@@ -153,6 +193,37 @@ class SentenceBuilder:
 
     def _cell_keys(self, stream: int, epoch: int, cells: torch.Tensor) -> torch.Tensor:
         return kernels.cell_keys(kernels.stream_key(self.seed, stream, epoch), cells)
+
+    # -- per-entry values: both paths call these on flat arrays, elementwise, so they agree bit for bit
+
+    # float32 throughout: exact for the integer counts (< 2**24) and cheaper than float64 on
+    # the hot path; the keys are float32 anyway.
+
+    def _raw_counts(self, value: torch.Tensor, cell: torch.Tensor) -> torch.Tensor | None:
+        """float32 raw counts behind stored values (None without ``count_scale``); at least 1,
+        since only expressed genes use them (and a zero key would read as padding)."""
+        scale = self._table("count_scale", value.device)
+        if scale is None:
+            return None
+        return (torch.expm1(value) * _take(scale, cell)).round_().clamp_(min=1.0)
+
+    def _expression_key(self, value: torch.Tensor, gene: torch.Tensor, cell) -> torch.Tensor:
+        """float32 key of the ``expression`` order: the value, or Geneformer's normalised one
+        (count / total_counts * target_sum / median, as a product with the reciprocals)."""
+        factor = self._table("median_factor", value.device)
+        if factor is None:
+            return value
+        linear = self._raw_counts(value, cell())
+        if linear is None:
+            linear = torch.expm1(value)
+        else:
+            linear = linear * _take(self._table("total_scale", value.device), cell())
+        return linear * _take(factor, gene)
+
+    def _sampling_weight(self, value: torch.Tensor, cell) -> torch.Tensor:
+        """float64 ``weighted_sample`` weight: UCE's log1p(raw count), or the stored value."""
+        raw = self._raw_counts(value, cell())
+        return (value if raw is None else torch.log1p(raw)).to(torch.float64)
 
     # -- order ranks: non-negative int64 below _LAST, smaller comes first ----------------------
 
@@ -165,10 +236,8 @@ class SentenceBuilder:
         if row is None and self.order in ("random", "chromosome"):
             row = batch.row
         if self.order == "expression":
-            factor = self._table("median_factor", gene.device)
-            if factor is not None:
-                value = torch.expm1(value) * factor[gene]
-            return _LAST - value.contiguous().view(torch.int32).to(torch.int64)
+            key = _take(batch.expression_keys(self), entry)
+            return _LAST - key.contiguous().view(torch.int32).to(torch.int64)
         if self.order == "random":
             keys = self._cell_keys(kernels.STREAM_ORDER, epoch, batch.cells)
             return kernels.top_bits(kernels.item_bits(_take(keys, row), gene), _RANDOM_BITS)
@@ -183,12 +252,13 @@ class SentenceBuilder:
         return position * (1 << _RANK_BITS) + self._table("genomic_rank", gene.device)[gene]
 
     def _group_positions(self, cells: torch.Tensor, epoch: int) -> torch.Tensor:
-        """(B, n_groups) position of each chromosome group in each cell's order."""
+        """(B, n_groups + 1) position of each chromosome group in each cell's order."""
         layout, device = self.layout, cells.device
         placed = torch.arange(layout.n_placed, device=device).expand(len(cells), -1)
         bits = kernels.item_bits(self._cell_keys(kernels.STREAM_CHROMOSOME, epoch, cells)[:, None], placed)
         order = kernels.sort_rows(kernels.top_bits(bits, _RANDOM_BITS) * (1 << 32) + placed) & _LOW32
-        position = torch.full((len(cells), layout.n_groups), layout.n_placed, dtype=torch.int64, device=device)
+        # one more column for genes without a chromosome: ranked (then masked out), never emitted
+        position = torch.full((len(cells), layout.n_placed + 1), layout.n_placed, dtype=torch.int64, device=device)
         return position.scatter_(1, order, placed.contiguous())
 
     # -- the batch ------------------------------------------------------------------------
@@ -207,6 +277,8 @@ class SentenceBuilder:
         ``cells`` are the global row indices (they seed the random choices); ``values`` are
         log-normalised (float32); ``indices`` are gene columns. Runs on ``device``.
         """
+        if self.select == "panel":
+            return self._build_panel(indptr, indices, values, cells, epoch, torch.device(device))
         if self._compiled_applies(device):
             return self._build_compiled(indptr, indices, values, cells, epoch)
         batch = _Batch.from_csr(indptr, indices, values, cells, torch.device(device),
@@ -217,7 +289,7 @@ class SentenceBuilder:
         if self.bins is not None:
             kind, n_bins = self.bins
             if kind == "scbert":
-                bins = scbert_bins(value, n_bins)
+                bins = scbert_bins(value, self._table("scbert_edges", value.device))
             else:
                 tie_bits = kernels.item_bits(self._cell_keys(kernels.STREAM_BIN, epoch, batch.cells)[:, None], gene)
                 value_bits = torch.where(batch.expressed, batch.value[:-1].view(torch.int32).to(torch.int64), _LAST)
@@ -227,6 +299,52 @@ class SentenceBuilder:
 
     def _compiled_applies(self, device) -> bool:
         return kernels.compiled_enabled(torch.device(device))
+
+    def _build_panel(self, indptr, indices, values, cells, epoch: int, device: torch.device) -> CellSentences:
+        """``select: panel``: CLS then every panel gene in gene-index order, zeros included.
+
+        One dense (B, n_genes) scatter, the same torch operations on every device (so the
+        CPU needs no separate kernel). The scBERT bin of a zero is class 0 (id 1); scGPT's
+        bins of the expressed genes are the usual per-cell quantile bins, a zero gets bin 0,
+        scGPT's zero bin (``include_zero_gene=True``).
+        """
+        indptr = np.asarray(indptr, dtype=np.int64)
+        first, last = (int(indptr[0]), int(indptr[-1])) if len(indptr) > 1 else (0, 0)
+        n_cells, panel = len(indptr) - 1, self._table("panel", device)
+        row = torch.as_tensor(np.repeat(np.arange(n_cells), np.diff(indptr))).to(device)
+        gene = torch.as_tensor(np.asarray(indices)[first:last]).to(device=device, dtype=torch.int64)
+        value = torch.as_tensor(np.asarray(values, dtype=np.float32)[first:last]).to(device)
+        dense = torch.zeros(n_cells, self.n_genes, dtype=torch.float32, device=device)
+        dense.index_put_((row, gene), value)
+        length = 1 + len(self.panel)
+        tokens = torch.empty(n_cells, length, dtype=torch.int64, device=device)
+        tokens[:, 0] = CLS
+        tokens[:, 1:] = panel + N_SPECIAL
+        expression = torch.zeros(n_cells, length, dtype=torch.float32, device=device)
+        expression[:, 1:] = dense.index_select(1, panel)
+        special = torch.zeros(n_cells, length, dtype=torch.bool, device=device)
+        special[:, 0] = True
+        bins = None
+        if self.bins is not None and self.bins[0] == "scbert":
+            bins = scbert_bins(expression, self._table("scbert_edges", device))
+            bins[:, 0] = 0
+        elif self.bins is not None:
+            batch = _Batch.from_csr(indptr, indices, values, cells, device, self._table("gene_keep", device))
+            entry = batch.dense(batch.entries) & _LOW32  # each row's own entries; the sentinel where none
+            gene_of = _take(batch.gene, entry)
+            tie_bits = kernels.item_bits(self._cell_keys(kernels.STREAM_BIN, epoch, batch.cells)[:, None], gene_of)
+            value_bits = torch.where(batch.expressed, batch.value[:-1].view(torch.int32).to(torch.int64), _LAST)
+            value_keys = batch.dense(value_bits * (1 << 32) + batch.entries)
+            binned = scgpt_bins(value_keys, batch.n_entries + 1, batch.n_expressed, entry, tie_bits, self.bins[1])
+            expressed = torch.cat([batch.expressed, batch.expressed.new_zeros(1)])
+            binned = torch.where(_take(expressed, entry), binned, 0)
+            dense_bins = torch.zeros(n_cells, self.n_genes + 1, dtype=torch.int64, device=device)
+            # places without an expressed entry write bin 0 into a spare last column
+            column = torch.where(_take(expressed, entry), gene_of, self.n_genes)
+            dense_bins.scatter_(1, column, binned)
+            bins = torch.zeros(n_cells, length, dtype=torch.int64, device=device)
+            bins[:, 1:] = dense_bins.index_select(1, panel)
+        return CellSentences(tokens, expression, special, torch.zeros_like(special), bins)
 
     def _build_compiled(self, indptr, indices, values, cells, epoch: int) -> CellSentences:
         """The CPU kernel of :mod:`compiled`: the same sentences as the array path below."""
@@ -246,15 +364,15 @@ class SentenceBuilder:
         def gene() -> torch.Tensor:
             return torch.from_numpy(indices).to(torch.int64)
 
-        factor = self._table("median_factor", cpu)
+        entry_cells = _entry_cells(indptr, cells)
         order_values = values
-        if self.order == "expression" and factor is not None:
-            order_values = (torch.expm1(value) * factor[gene()]).numpy()
+        if self.order == "expression":
+            order_values = self._expression_key(value, gene(), entry_cells).numpy()
         n_expressed = compiled.count_expressed(indptr, indices, values, keep)
         n_cells, size = len(cells), self.size
         resample = self.select == "weighted_sample" and self.resample
         select = compiled.RESAMPLE if resample else compiled.SELECT_CODES[self.select]
-        select_bits, draw_u, weights = self._weighted_draws(indptr, cells, value, gene, keep, epoch)
+        select_bits, draw_u, weights = self._weighted_draws(indptr, cells, value, gene, keep, epoch, entry_cells)
         count = np.where(n_expressed > 0, size, 0) if resample else np.minimum(n_expressed, size)
         longest = int(count.max()) if n_cells else 0
         layout = self.layout if self.order == "chromosome" else None
@@ -264,6 +382,8 @@ class SentenceBuilder:
         else:
             group_of_gene = genomic_rank = np.zeros(0, dtype=np.int64)
         kind, n_bins = self.bins if self.bins is not None else (None, 0)
+        edges = self._table("scbert_edges", cpu)
+        edges = np.zeros(0, dtype=np.float32) if edges is None else edges.numpy()
         shape = (n_cells, 1 + longest)
         tokens = np.empty(shape, dtype=np.int64)
         expression = np.empty(shape, dtype=np.float32)
@@ -275,7 +395,7 @@ class SentenceBuilder:
         length = compiled.fill_sentences(
             indptr, indices, values, np.ascontiguousarray(order_values).view(np.int32), select_bits, draw_u, weights,
             keep, cells, n_expressed, select, compiled.ORDER_CODES[self.order], size, keys, compiled.BIN_CODES[kind],
-            n_bins, group_of_gene, genomic_rank, layout.n_placed if layout else 0, self.n_genes,
+            n_bins, edges, group_of_gene, genomic_rank, layout.n_placed if layout else 0, self.n_genes,
             tokens, expression, special, padding, bins,
         )
         out = [tokens, expression, special, padding, bins]
@@ -284,7 +404,7 @@ class SentenceBuilder:
         tensors = [torch.from_numpy(a) for a in out]
         return CellSentences(*tensors[:4], tensors[4] if kind else None)
 
-    def _weighted_draws(self, indptr, cells, value, gene, keep, epoch: int):
+    def _weighted_draws(self, indptr, cells, value, gene, keep, epoch: int, entry_cells):
         """The floating-point draws of ``weighted_sample`` for the compiled kernel, computed
         with the array path's torch operations on arrays of the same shapes (so both paths
         share them bit for bit): the int32 patterns of each entry's Efraimidis-Spirakis key
@@ -296,18 +416,19 @@ class SentenceBuilder:
         if self.select != "weighted_sample":
             return select_bits, draw_u, weights
         cells = torch.from_numpy(cells)
+        weight = self._sampling_weight(value, entry_cells)
         if not self.resample:  # as in _choose
             row = torch.from_numpy(np.repeat(np.arange(len(cells)), np.diff(indptr)))
             keys = self._cell_keys(kernels.STREAM_SELECT, epoch, cells)
             u = kernels.uniform(kernels.item_bits(_take(keys, row), gene()))
-            select_bits = (-torch.log(u) / value.to(torch.float64)).to(torch.float32).view(torch.int32).numpy()
+            select_bits = (-torch.log(u) / weight).to(torch.float32).view(torch.int32).numpy()
             return select_bits, draw_u, weights
         # as in _draw
         draws = torch.arange(self.size + 1).expand(len(cells), -1)
         bits = kernels.item_bits(self._cell_keys(kernels.STREAM_DRAW, epoch, cells)[:, None], draws)
         spacing = (-torch.log(kernels.uniform(bits))).cumsum(1)
         draw_u = (spacing[:, : self.size] / spacing[:, self.size :]).contiguous().numpy()
-        weight = (value.to(torch.float64) * (1 << 20)).round_().to(torch.int64).clamp_(min=1)
+        weight = (weight * (1 << 20)).round_().to(torch.int64).clamp_(min=1)
         valid = value > 0
         if len(keep):
             valid &= torch.from_numpy(keep)[gene()]
@@ -340,7 +461,8 @@ class SentenceBuilder:
             # Efraimidis-Spirakis: the `size` smallest -log(u)/x are a weighted sample without replacement.
             keys = self._cell_keys(kernels.STREAM_SELECT, epoch, batch.cells)
             u = kernels.uniform(kernels.item_bits(_take(keys, batch.row), batch.gene[:-1]))
-            rank = (-torch.log(u) / batch.value[:-1].to(torch.float64)).to(torch.float32).view(torch.int32)
+            weight = self._sampling_weight(batch.value[:-1], lambda: batch.entry_cells()[:-1])
+            rank = (-torch.log(u) / weight).to(torch.float32).view(torch.int32)
             entry, real = _smallest(batch.dense(_compose(rank.to(torch.int64), batch.valid, batch.entries)), size)
 
         # Order the chosen entries. Ties go to the earlier entry, as on the truncate path, so
@@ -351,14 +473,15 @@ class SentenceBuilder:
         return _smallest(_compose(rank, real, entry), entry.shape[1])
 
     def _draw(self, batch: "_Batch", epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``size`` draws with replacement per cell, p ~ value, by inverse CDF (in CSR order).
+        """``size`` draws with replacement per cell, p ~ weight, by inverse CDF (in CSR order).
 
         Weights are fixed point (value * 2**20, at least 1 for an expressed gene), so the
         prefix sums are exact integers: a cell's draws cannot depend on the rows before it
         in the batch, as floating-point prefix sums would.
         """
         size, device, n_cells = self.size, batch.device, len(batch.cells)
-        weight = (batch.value[:-1].to(torch.float64) * (1 << 20)).round_().to(torch.int64).clamp_(min=1)
+        weight = self._sampling_weight(batch.value[:-1], lambda: batch.entry_cells()[:-1])
+        weight = (weight * (1 << 20)).round_().to(torch.int64).clamp_(min=1)
         if batch.valid is not None:
             weight = torch.where(batch.valid, weight, 0)
         cumulative = torch.cat([weight.new_zeros(1), weight.cumsum(0)])
@@ -439,7 +562,7 @@ class _Batch:
         self.gene, self.value, self.valid, self.device = gene, value, valid, device
         self.n_entries = len(gene) - 1
         self.entries = torch.arange(self.n_entries, device=device)
-        self._row = self._dest = None
+        self._row = self._dest = self._expression_keys = None
         if valid is None:
             self.n_expressed = lengths
         else:
@@ -472,6 +595,17 @@ class _Batch:
         """Bool per entry: the gene is expressed (and allowed)."""
         return torch.ones_like(self.entries, dtype=torch.bool) if self.valid is None else self.valid
 
+    def entry_cells(self) -> torch.Tensor:
+        """Global cell index of each entry (the sentinel entry included, as cell 0's)."""
+        cells = torch.cat([self.cells, self.cells.new_zeros(1)])
+        return cells.index_select(0, torch.cat([self.row, self.row.new_full((1,), len(self.cells))]))
+
+    def expression_keys(self, builder: "SentenceBuilder") -> torch.Tensor:
+        """The ``expression`` order's float32 key of every entry (sentinel included)."""
+        if self._expression_keys is None:
+            self._expression_keys = builder._expression_key(self.value, self.gene, self.entry_cells)
+        return self._expression_keys
+
     @property
     def row(self) -> torch.Tensor:
         """Cell (row of the batch) of each entry."""
@@ -492,6 +626,11 @@ class _Batch:
         padding = (_LAST << 32) | self.n_entries
         block = torch.full((len(self.lengths) * self.width,), padding, dtype=torch.int64, device=self.device)
         return block.scatter_(0, self._dest, flat).view(len(self.lengths), self.width)
+
+
+def _entry_cells(indptr: np.ndarray, cells: np.ndarray):
+    """A function giving the global cell index of each entry of CSR rows (computed on demand)."""
+    return lambda: torch.from_numpy(np.repeat(np.asarray(cells, dtype=np.int64), np.diff(indptr)))
 
 
 def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -143,13 +143,32 @@ def _build_tokenizer(fg, fe, fc, data: PreparedData, d_model: int, seed: int) ->
         genes = encoders.LearnedGenes(vocab_size, d_model)
     else:
         genes, gene_keep, genes_mapped = _pretrained_genes(fg_params, data, vocab_size, d_model, seed)
+    unplaced = 0
+    if layout is not None and layout.n_unplaced:
+        # UCE drops genes missing from its chromosome file before sampling; so does tokbench.
+        unplaced = layout.n_unplaced
+        gene_keep = layout.placed if gene_keep is None else gene_keep & layout.placed
+        examples = ", ".join(map(str, np.asarray(data.gene_ids)[~layout.placed][:5]))
+        log.info("fc.order=chromosome: %d of %d genes have no chromosome and are left out of every sentence "
+                 "(e.g. %s)", unplaced, n_genes, examples)
 
-    median_factor = _median_factor(data) if order_params.get("normalize_by_median") else None
     expression, bins, n_expression_bins = _expression_encoder(fe_name, fe_params, d_model)
+    if select == "panel":
+        _check_panel(order, size, n_genes if gene_keep is None else int(np.sum(gene_keep)))
+    gene_median = _gene_median(data) if order == "expression" and order_params.get("normalize_by_median") else None
+    count_scale = total_scale = None
+    needs_counts = gene_median is not None or select == "weighted_sample"
+    # The builder recovers counts as expm1(x) * library_size / target_sum: log1p values only.
+    if needs_counts and data.library_size is not None and data.total_counts is not None and data.log1p:
+        count_scale = np.asarray(data.library_size, dtype=np.float64) / data.target_sum
+        total_scale = data.target_sum / np.maximum(np.asarray(data.total_counts, dtype=np.float64), 1.0)
+    elif needs_counts:
+        log.warning("the data has no per-cell counts (library_size, total_counts) or is not log1p-transformed: "
+                    "%s uses the stored values instead of raw counts", order if gene_median is not None else select)
     builder = SentenceBuilder(
         order=order, select=select, size=size, n_genes=n_genes, seed=seed,
-        resample=select_params.get("resample", True), median_factor=median_factor, layout=layout,
-        gene_keep=gene_keep, bins=bins,
+        resample=select_params.get("resample", True), gene_median=gene_median, count_scale=count_scale,
+        total_scale=total_scale, layout=layout, gene_keep=gene_keep, bins=bins,
     )
     embedder = encoders.CellEmbedder(genes, expression, combine, d_model)
 
@@ -166,6 +185,8 @@ def _build_tokenizer(fg, fe, fc, data: PreparedData, d_model: int, seed: int) ->
     params.update({f"fe.{k}": v for k, v in fe_params.items()})
     params.update({f"fc.order.{k}": v for k, v in order_params.items()})
     params.update({f"fc.select.{k}": v for k, v in select_params.items()})
+    if layout is not None:
+        params["fc.order.genes_without_chromosome"] = unplaced
     log.info("tokenizer %s: vocab %d, max_length %d", tags, vocab_size, builder.max_length)
     return CellTokenizer(data=data, builder=builder, embedder=embedder, vocab_size=vocab_size,
                          n_expression_bins=n_expression_bins, tags=tags, params=params,
@@ -199,16 +220,29 @@ def _expression_encoder(name: str, params: dict, d_model: int):
     return encoders.AutoBinExpression(d_model, n_bins, float(params["alpha"])), None, None
 
 
-def _median_factor(data: PreparedData) -> np.ndarray:
-    """1 / expm1(median nonzero log value) per gene; genes without one use the median over genes."""
-    median = np.asarray(data.gene_median_nonzero(), dtype=np.float64)
+def _gene_median(data: PreparedData) -> np.ndarray:
+    """Geneformer's per-gene medians (linear, normalised by each cell's total count, nonzero
+    training values); genes never expressed in training use the median over genes (Geneformer
+    has no token for them at all; tokbench keeps them rather than drop test-only genes)."""
+    median = np.asarray(data.gene_median_normalised(), dtype=np.float64)
     known = np.isfinite(median) & (median > 0)
     if not known.any():
         raise TokbenchError(
             "fc.order.normalize_by_median needs training cells with expressed genes (split 'train' is empty)"
         )
-    median = np.where(known, median, np.median(median[known]))
-    return (1.0 / np.expm1(median)).astype(np.float32)
+    return np.where(known, median, np.median(median[known]))
+
+
+def _check_panel(order: str, size: int, n_panel: int) -> None:
+    """``select: panel`` needs the gene-index order and a panel of at most L genes."""
+    if order != "gene_index":
+        raise TokbenchError(f"fc.select.name=panel lists every gene in gene-index order, but fc.order.name={order}; "
+                            "set fc.order.name=gene_index")
+    if n_panel > size:
+        raise TokbenchError(
+            f"fc.select.name=panel puts all {n_panel} genes of the panel in every sentence, more than "
+            f"fc.select.size={size} (L); choose fewer genes (dataset.n_top_genes={size}) or raise fc.select.size"
+        )
 
 
 def _pretrained_genes(params: dict, data: PreparedData, vocab_size: int, d_model: int, seed: int):
