@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from scipy.stats import chi2_contingency
 
 from tokbench.data import synth
 from tokbench.data.genes import gene_table
-from tokbench.data.synth import calibrate, generate_atlas, write_atlas
+from tokbench.data.synth import CALIBRATION_TARGETS, calibrate, count_statistics, generate_atlas, write_atlas
 from tokbench.errors import TokbenchError
 
 SMALL = dict(n_cells=600, n_genes=400, seed=3)
@@ -50,9 +51,10 @@ def test_every_type_in_every_tissue_with_the_floor(small):
     table = pd.crosstab(small.obs["tissue"], small.obs["cell_type"])
     assert table.shape == (4, 8)
     assert (table.to_numpy() >= synth.AtlasKnobs().min_cells_per_type).all()
-    # Dirichlet proportions: tissues differ in composition.
-    fractions = table.to_numpy() / table.to_numpy().sum(axis=1, keepdims=True)
-    assert np.abs(fractions - fractions.mean(axis=0)).max() > 0.05
+    # Dirichlet proportions: tissues differ in composition (too few cells here to show it
+    # reliably, so a larger atlas of few genes, tested for independence of tissue and type).
+    larger = generate_atlas(n_cells=4000, n_genes=50, seed=3).obs
+    assert chi2_contingency(pd.crosstab(larger["tissue"], larger["cell_type"]).to_numpy()).pvalue < 1e-3
 
 
 def test_generic_names_beyond_the_realistic_ones():
@@ -70,15 +72,82 @@ def test_genes_are_real_clean_and_spread_over_chromosomes():
     assert (rows["ensembl_id"].to_numpy() == atlas.var["ensembl_id"].to_numpy()).all()
     assert (rows["chromosome"].to_numpy() == atlas.var["chromosome"].to_numpy()).all()
     assert (rows["start"].to_numpy() == atlas.var["start"].to_numpy()).all()
-    assert not atlas.var_names.str.contains(r"[-.]").any()
-    assert atlas.var["chromosome"].nunique() == 23
+    nuclear = atlas.var["chromosome"] != "MT"
+    assert not atlas.var_names[nuclear.to_numpy()].str.contains(r"[-.]").any()
+    assert atlas.var.loc[nuclear, "chromosome"].nunique() >= 23
 
 
-def test_counts_are_sparse_single_cell_like():
-    atlas = generate_atlas(n_cells=400, n_genes=2000, n_cell_types=4, seed=0)
-    expressed = np.diff(atlas.X.indptr)
-    assert 700 < expressed.mean() < 2500
-    assert 3000 < np.median(atlas.obs["n_counts"]) < 12000
+@pytest.fixture(scope="module")
+def default_shape() -> ad.AnnData:
+    """Few cells, but the default vocabulary and every default per-gene and per-cell knob."""
+    return generate_atlas(n_cells=800, seed=0)
+
+
+def test_default_atlas_statistics_within_their_tolerances(default_shape):
+    assert default_shape.n_vars == 20_000
+    stats = count_statistics(default_shape)
+    has_mito = default_shape.var_names.str.startswith("MT-").any()
+    outside = [f"{t.statistic}={stats[t.statistic]:.3f} not in [{t.low}, {t.high}]"
+               for t in CALIBRATION_TARGETS
+               if not (t.statistic == "mito_fraction_median" and not has_mito)
+               and not t.low <= stats[t.statistic] <= t.high]
+    assert not outside
+    # Whole-transcriptome droplet data: 1-3k genes detected per cell, 3-10% of the vocabulary.
+    detected = np.diff(default_shape.X.indptr)
+    assert 1000 < np.median(detected) < 3000 and np.percentile(detected, 5) > 500
+
+
+def test_count_statistics_on_hand_made_counts():
+    X = np.array([[0, 1, 2, 0], [3, 0, 0, 0], [1, 1, 0, 0], [0, 0, 4, 0]], dtype=np.float32)
+    var = pd.DataFrame(index=["CD3E", "MT-CO1", "LYZ", "ACTB"])
+    stats = count_statistics(ad.AnnData(X=sp.csr_matrix(X), var=var), label_key=None)
+    assert stats["genes_per_cell_median"] == 1.5 and stats["detected_fraction_median"] == 1.5 / 4
+    assert stats["umis_per_cell_median"] == 3.0
+    assert stats["mito_fraction_median"] == pytest.approx(np.median([1 / 3, 0, 1 / 2, 0]))
+    assert stats["umis_per_detected_gene_median"] == pytest.approx(np.median([1.5, 3, 1, 4]))
+    # (var - mean) / mean^2 with the n-1 variance: CD3E (0,3,1,0) 1; MT-CO1 (1,0,1,0) -2/3;
+    # LYZ (2,0,0,4) 0.963; ACTB has mean 0 and is left out.
+    assert stats["overdispersion_median"] == pytest.approx((11 / 3 - 1.5) / 2.25)
+    assert stats["zero_fraction[1,3)"] == pytest.approx(0.5)
+
+
+def test_markers_detected_mostly_in_their_type(default_shape):
+    labels = default_shape.obs["cell_type"].astype(str).to_numpy()
+    position = {g: i for i, g in enumerate(default_shape.var_names)}
+    for cell_type, markers in default_shape.uns["synth"]["marker_genes"].items():
+        hit = (default_shape.X[:, [position[g] for g in markers]] > 0).toarray()
+        by_tissue = pd.DataFrame(hit[labels == cell_type]).groupby(
+            default_shape.obs["tissue"].to_numpy()[labels == cell_type]).mean()
+        # Each marker is silenced in some tissues; where it is on, most of its type detects it.
+        assert np.median(by_tissue.max(axis=0)) > 0.5
+        assert hit[labels != cell_type].mean() < 0.1
+
+
+def test_small_vocabularies_are_panels_not_empty_cells():
+    # A 300-gene atlas keeps program genes and the most abundant ones, as a panel of real
+    # cells would: cells detect a good share of it, so tiny test atlases stay informative.
+    atlas = generate_atlas(n_cells=480, n_genes=300, seed=0)
+    detected = np.diff(atlas.X.indptr)
+    assert np.median(detected) > 0.3 * atlas.n_vars and detected.min() > 30
+    markers = {g for genes in atlas.uns["synth"]["marker_genes"].values() for g in genes}
+    assert len(markers) >= 100
+    result = calibrate(atlas)
+    assert result["within_tissue_mean"] >= 0.9 and result["cross_tissue_mean"] < result["within_tissue_mean"]
+
+
+def test_mitochondrial_genes_take_their_share_when_the_table_has_them(monkeypatch):
+    # Four mitochondrial genes on a table without its own, so the test holds on any table.
+    table = gene_table()[gene_table()["chromosome"] != "MT"]
+    mito = pd.DataFrame({"symbol": ["MT-ND1", "MT-CO1", "MT-ATP6", "MT-CYB"],
+                         "ensembl_id": [f"ENSG0000019{i:04d}" for i in range(4)],
+                         "chromosome": "MT", "start": [3307, 5904, 8527, 14747],
+                         "end": [4262, 7445, 9207, 15887]})
+    monkeypatch.setattr(synth, "gene_table", lambda: pd.concat([table, mito], ignore_index=True))
+    atlas = generate_atlas(n_cells=400, n_genes=3000, seed=1, mito_fraction=0.05)
+    assert set(atlas.var_names[atlas.var["chromosome"] == "MT"]) == set(mito["symbol"])
+    share = np.asarray(atlas[:, atlas.var["chromosome"] == "MT"].X.sum(axis=1)).ravel() / atlas.obs["n_counts"]
+    # 5% of a whole transcriptome's UMIs; a 3,000-gene panel carries fewer UMIs, so more.
+    assert 0.04 < np.median(share) < 0.2
 
 
 def test_negative_binomial_sampler_matches_mean_and_zero_fraction():
@@ -94,7 +163,7 @@ def test_negative_binomial_sampler_matches_mean_and_zero_fraction():
 
 
 def test_chunked_generation_stacks_rows(monkeypatch):
-    monkeypatch.setattr(synth, "CHUNK_CELLS", 128)
+    monkeypatch.setattr(synth, "CHUNK_ENTRIES", 128 * 150)
     atlas = generate_atlas(n_cells=700, n_genes=150, seed=2)
     atlas.X.check_format(full_check=True)
     assert atlas.shape == (700, 150) and (np.diff(atlas.X.indptr) > 0).all()
@@ -142,6 +211,6 @@ def test_write_atlas_round_trip_and_gene_embeddings(tmp_path):
 @pytest.mark.slow
 def test_default_atlas_is_calibrated():
     result = calibrate(generate_atlas())
-    assert min(result["within_tissue_accuracy"].values()) >= 0.93
-    assert 0.55 <= result["cross_tissue_mean"] <= 0.88
+    assert min(result["within_tissue_accuracy"].values()) >= 0.95
+    assert 0.55 <= result["cross_tissue_mean"] <= 0.85
     assert set(result["cross_tissue_accuracy"]) == {"blood", "lung", "gut", "brain"}

@@ -77,6 +77,11 @@ def _sweep(args: argparse.Namespace) -> None:
         return
     from tokbench.sweep.launch import run_sweep
 
+    if args.sync:
+        from tokbench.sweep.launch import sync_sweep
+
+        sync_sweep(args.file, name=args.name)
+        return
     run_sweep(args.file, address=args.address, name=args.name, resume=args.resume, num_cpus=args.num_cpus)
 
 
@@ -114,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth = data.add_parser("synth", help="write the synthetic cross-tissue atlas (.h5ad) and its gene embeddings")
     synth.add_argument("--out", type=Path, required=True, help="output .h5ad path")
     synth.add_argument("--n-cells", type=int, default=6000)
-    synth.add_argument("--n-genes", type=int, default=2000)
+    synth.add_argument("--n-genes", type=int, default=20_000)
     synth.add_argument("--n-tissues", type=int, default=4)
     synth.add_argument("--n-cell-types", type=int, default=8)
     synth.add_argument("--seed", type=int, default=0)
@@ -156,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--name", help="sweep name (Ray experiment directory); default: <file name>-<UTC time>")
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep (the latest, or --name)")
     sweep.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    sweep.add_argument("--sync", action="store_true",
+                       help="write a sweep's queued MLflow records and fill what MLflow lacks from Ray's results "
+                            "(after an MLflow outage; the latest sweep, or --name); runs no trial")
     sweep.set_defaults(func=_sweep)
 
     report = commands.add_parser("report", help="the tokenizer comparison page (HTML, CSV, figures) of a sweep or experiment")

@@ -14,8 +14,8 @@ from tokbench.data.cache import default_cache_root, get_or_build
 from tokbench.errors import TokbenchError
 
 # Bump when the generator's output changes, so nodes regenerate rather than reuse.
-ATLAS_VERSION = 1
-ATLAS_OPTIONS = {"n_cells": 6000, "n_genes": 2000, "n_tissues": 4, "n_cell_types": 8, "seed": 0}
+ATLAS_VERSION = 2
+ATLAS_OPTIONS = {"n_cells": 6000, "n_genes": 20_000, "n_tissues": 4, "n_cell_types": 8, "seed": 0}
 
 
 def embedded_atlas(cache_root: str | Path | None = None) -> dict[str, Path]:
