@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -12,6 +14,7 @@ from tokbench.errors import TokbenchError
 from tokbench.train_command import train
 from tokbench.tracking.record import run_tags
 from tokbench.training.experiment import experiment_path, load_experiment
+from tokbench.model.transformer import CellClassifier
 from tokbench.training.loop import AnnotationTrainer
 
 ARTIFACTS = {"test_confusion_matrix.png", "test_confusion_matrix.csv", "test_per_class.csv", "config.yaml", "history.csv", "best_model.pt"}
@@ -56,11 +59,35 @@ def test_presets_train_and_land_in_mlflow(tiny_atlas, tmp_path, preset, extra, e
 
 
 def test_baseline_trains_and_lands_in_mlflow(tiny_atlas, tmp_path):
-    result = train("cross_tissue", tiny_overrides(tiny_atlas, tmp_path) + ["method=logreg", "baseline.max_epochs=15"], progress=False)
-    _, run = only_run(tmp_path)
+    result = train("cross_tissue", tiny_overrides(tiny_atlas, tmp_path) + ["method=logreg", "baseline.Cs=[0.1,1.0]"], progress=False)
+    client, run = only_run(tmp_path)
     assert run.data.tags["tokenizer"] == "baseline:logreg" and run.data.tags["method"] == "logreg"
+    assert run.data.tags["degenerate"] == "no" and run.data.tags["epochs_run"] == "1"
     assert run.data.metrics["test_mcc"] == pytest.approx(result["test_mcc"])
+    assert run.data.metrics["C"] in (0.1, 1.0) and "cv_mcc" in run.data.metrics
     assert result["test_accuracy"] > 0.3  # the atlas transfers partly across tissues
+    assert ARTIFACTS <= {a.path.split("/")[-1] for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_a_model_that_predicts_one_class_is_flagged(tiny_atlas, tmp_path, monkeypatch, caplog):
+    original = CellClassifier.forward
+
+    def always_the_first_class(self, sentences):
+        logits = original(self, sentences)
+        favourite = torch.zeros(logits.shape[-1], device=logits.device)
+        favourite[0] = 10.0
+        return logits * 0 + favourite  # still a graph, so the loop trains as usual
+
+    monkeypatch.setattr(CellClassifier, "forward", always_the_first_class)
+    with caplog.at_level(logging.WARNING, logger="tokbench"):
+        result = train("cross_tissue", tiny_overrides(tiny_atlas, tmp_path), progress=False)
+    _, run = only_run(tmp_path)
+    assert run.data.tags["degenerate"] == "val+test"
+    assert result["test_predicted_classes"] == 1 and result["test_true_classes"] > 1
+    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "degenerate" in r.getMessage()]
+    assert len(warning) == 1
+    first = result["class_names"][0]
+    assert f"val (every cell called {first!r}" in warning[0] and f"test (every cell called {first!r}" in warning[0]
 
 
 def test_crash_marks_failed_and_resume_matches_uninterrupted_run(tiny_atlas, tmp_path, monkeypatch):

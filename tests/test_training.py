@@ -1,4 +1,4 @@
-"""The training loop, early stopping, best-weights test, resume, checkpoints, baseline, errors."""
+"""The training loop, early stopping, best-weights test, resume, checkpoints, errors."""
 
 from __future__ import annotations
 
@@ -17,28 +17,26 @@ from tokbench.model import ModelConfig
 from tokbench.tokenizers.base import CLS, N_SPECIAL, PAD, CellSentences
 from tokbench.training import (
     AnnotationTrainer,
-    BaselineConfig,
-    LogisticRegressionBaseline,
     OptimizerConfig,
     SchedulerConfig,
     TrainerConfig,
-    run_baseline,
     validate_trainer_config,
     write_confusion_report,
 )
 from tokbench.training import loop
-from tokbench.training.loop import epoch_batches, lr_factor
+from tokbench.training.loop import EarlyStopping, epoch_batches, lr_factor
+from tokbench.training.metrics import degenerate_splits
 
 N_GENES, N_CLASSES, MARKERS = 40, 3, 5
 TIMING_KEYS = {"cells_per_second", "tokens_per_second", "train_seconds", "epoch_seconds", "data_fraction"}
 STEP_KEYS = {
     "epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "val_mcc", "lr", "cells_per_second",
     "tokens_per_second", "train_seconds", "epoch_seconds", "padded_fraction", "data_fraction",
-    "best_val_mcc", "best_epoch", "should_stop",
+    "best_val_mcc", "best_epoch", "should_stop", "val_predicted_classes", "val_true_classes",
 }
 TEST_KEYS = {
     "test_accuracy", "test_macro_f1", "test_mcc", "test_loss", "test_n_cells", "test_confusion_matrix",
-    "test_per_class_accuracy", "class_names", "best_epoch", "best_val_mcc",
+    "test_per_class_accuracy", "class_names", "best_epoch", "best_val_mcc", "test_predicted_classes", "test_true_classes",
 }
 
 
@@ -194,11 +192,56 @@ def test_early_stopping_triggers_when_validation_never_improves(tmp_path):
     # A blind embedder without positions makes every cell look alike: the MCC stays at 0.
     tok = TopKTokenizer(data, 32, blind=True)
     model = {"dropout": 0.0, "pos_encoding": "none"}
-    trainer = make_trainer(tmp_path, data, tok, model=model, max_epochs=20, patience=2)
+    trainer = make_trainer(tmp_path, data, tok, model=model, max_epochs=20, patience=2, min_epochs=1)
     history = trainer.fit()
     assert len(history) == 3
     assert [h["should_stop"] for h in history] == [False, False, True]
     assert history[-1]["best_epoch"] == 1
+
+
+def test_early_stopping_waits_for_min_epochs_even_at_mcc_zero(tmp_path):
+    data = make_data()
+    tok = TopKTokenizer(data, 32, blind=True)
+    model = {"dropout": 0.0, "pos_encoding": "none"}
+    trainer = make_trainer(tmp_path, data, tok, model=model, max_epochs=20, patience=2, min_epochs=6)
+    history = trainer.fit()
+    # A blind model predicts one class: MCC 0 from the first epoch, patience spent by epoch 3.
+    assert all(h["val_mcc"] == 0.0 and h["val_predicted_classes"] == 1 for h in history)
+    assert history[0]["val_true_classes"] == 3
+    assert len(history) == 6
+    assert [h["should_stop"] for h in history] == [False] * 5 + [True]
+    result = trainer.test()
+    assert result["test_predicted_classes"] == 1 and result["test_true_classes"] == 3
+    assert degenerate_splits({**history[result["best_epoch"] - 1], **result}) == ["val", "test"]
+
+
+def test_early_stopping_state_resumes_with_min_epochs():
+    stopper = EarlyStopping("mcc", patience=1, min_epochs=3)
+    for epoch in (1, 2):
+        stopper.update(epoch, 0.0)
+    assert not stopper.should_stop  # patience is spent, min_epochs not reached
+    restored = EarlyStopping("mcc", patience=1, min_epochs=3)
+    restored.load_state_dict(stopper.state_dict())
+    restored.update(3, 0.0)
+    assert restored.should_stop
+    legacy = {k: v for k, v in stopper.state_dict().items() if k != "last_epoch"}
+    restored.load_state_dict(legacy)  # a checkpoint from before min_epochs existed
+    assert restored.last_epoch == 2
+
+
+@pytest.mark.parametrize(
+    "metrics, expected",
+    [
+        ({"val_predicted_classes": 1, "val_true_classes": 3, "test_predicted_classes": 2, "test_true_classes": 3}, ["val"]),
+        ({"val_predicted_classes": 3, "val_true_classes": 3, "test_predicted_classes": 1, "test_true_classes": 2}, ["test"]),
+        ({"val_predicted_classes": 1, "val_true_classes": 1, "test_predicted_classes": 1, "test_true_classes": 1}, []),
+        ({"test_predicted_classes": 1, "test_confusion_matrix": np.array([[4, 0], [3, 0]])}, ["test"]),
+        ({"test_predicted_classes": 1, "test_confusion_matrix": np.array([[4, 0], [0, 0]])}, []),
+        ({}, []),
+    ],
+)
+def test_degenerate_splits_need_one_predicted_class_among_several_true(metrics, expected):
+    assert degenerate_splits(metrics) == expected
 
 
 def test_test_scores_the_best_validation_weights(tmp_path):
@@ -272,26 +315,6 @@ def test_checkpoints_are_atomic_and_stay_in_the_run_dir(tmp_path, monkeypatch):
 
     with pytest.raises(TokbenchError, match="no checkpoint"):
         make_trainer(tmp_path / "elsewhere").load_checkpoint()
-
-
-def test_baseline_learns_and_reports_the_same_keys(tmp_path):
-    data = make_data()
-    cfg = BaselineConfig(batch_size=32, max_epochs=30, patience=3, lr=0.05, device="cpu")
-    history, result = run_baseline(data, cfg, tmp_path / "a")
-    assert set(history[0]) == STEP_KEYS
-    assert set(result) == TEST_KEYS
-    assert result["test_accuracy"] > 0.8 and result["test_mcc"] > 0.7
-    assert history[-1]["should_stop"] and result["best_epoch"] == history[-1]["best_epoch"]
-
-    # resumed from a checkpoint after three epochs, it ends where the uninterrupted run ended
-    first = LogisticRegressionBaseline(data, cfg, tmp_path / "b")
-    for _ in range(3):
-        first.step()
-    first.save_checkpoint()
-    second = LogisticRegressionBaseline(data, cfg, tmp_path / "b")
-    second.load_checkpoint()
-    assert without_timings(second.fit()) == without_timings(history)
-    assert_same_test(second.test(), result)
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -383,5 +406,7 @@ def test_trainer_config_errors_name_the_key():
         validate_trainer_config(TrainerConfig(amp="fp16"))
     with pytest.raises(TokbenchError, match=r"trainer\.device"):
         validate_trainer_config(TrainerConfig(device="gpu"))
+    with pytest.raises(TokbenchError, match=r"trainer\.min_epochs: 0 must be >= 1"):
+        validate_trainer_config(TrainerConfig(min_epochs=0))
     with pytest.raises(TokbenchError, match=r"bf16"):
         make_trainer("unused", amp="bf16")  # CPU has no bf16 autocast here

@@ -13,11 +13,29 @@ from tokbench.errors import TokbenchError
 from tokbench.tracking.mlflow_runs import RunLogger, resolve_tracking_uri
 from tokbench.tracking.record import log_epoch, log_result, run_tags, start_run
 from tokbench.training.experiment import check_resume, experiment_path, load_experiment, run_directory
+from tokbench.training.metrics import degenerate_splits, predicted_class_names
 from tokbench.training.run import build_runner
 
 log = logging.getLogger("tokbench")
 
 RUN_ID_FILE = "mlflow_run_id"
+
+
+def degenerate_warning(splits: list[str], runner, best: dict, result: dict) -> str:
+    """One line naming each split where the best weights predicted a single class, that
+    class, and how many the split holds."""
+    parts = []
+    for split in splits:
+        if split == "test":
+            confusion, true = result["test_confusion_matrix"], result["test_true_classes"]
+        else:  # the epoch history keeps counts only; test() left the best weights loaded
+            confusion, true = runner.evaluate_split(split)["confusion_matrix"], best[f"{split}_true_classes"]
+        names = predicted_class_names(confusion, result["class_names"])
+        parts.append(f"{split} (every cell called {names[0]!r} of {true} cell types present)" if names else split)
+    return (
+        f"degenerate model: a single class predicted on {' and '.join(parts)}; its scores measure no learning. "
+        f"Train longer (trainer.max_epochs, trainer.min_epochs), check optimizer.lr and the class balance"
+    )
 
 
 def train(experiment: str, overrides: Sequence[str] = (), *, resume: str | None = None, progress: bool = True) -> dict:
@@ -66,17 +84,23 @@ def train(experiment: str, overrides: Sequence[str] = (), *, resume: str | None 
                 f"epoch {metrics['epoch']:>3}  loss {metrics['train_loss']:.4f}  val acc {metrics['val_accuracy']:.3f}  "
                 f"val F1 {metrics['val_macro_f1']:.3f}  val MCC {metrics['val_mcc']:.3f}  "
                 f"{metrics['cells_per_second']:,.0f} cells/s  {metrics['epoch_seconds']:.1f} s"
+                + (f"  C {metrics['C']:g} (cv {cfg.baseline.track_metric} {metrics['cv_' + cfg.baseline.track_metric]:.3f})"
+                   if "C" in metrics else "")
             )
 
         history = runner.fit(on_epoch=on_epoch)
         bar.close()
         result = runner.test()
+        best = history[result["best_epoch"] - 1]
+        degenerate = degenerate_splits({**best, **result})
         if logger:
             log_result(logger, cfg, result, runner, run_dir, history)
     print(
         f"test  accuracy {result['test_accuracy']:.4f}  macro-F1 {result['test_macro_f1']:.4f}  "
         f"MCC {result['test_mcc']:.4f}  (best epoch {result['best_epoch']} of {len(history)})"
     )
+    if degenerate:
+        log.warning(degenerate_warning(degenerate, runner, best, result))
     print(f"run   {run_dir}")
     if uri:
         print(f"mlflow run {logger.run_id} in {uri}  (mlflow ui --backend-store-uri {uri})")

@@ -96,17 +96,23 @@ class EarlyStopping:
 
     ``update`` returns True when the epoch is the new best: the first epoch always is; later
     ones must beat the best by more than ``min_delta``. ``should_stop`` becomes True once
-    ``patience`` epochs in a row have not improved (only when ``enabled``).
+    ``patience`` epochs in a row have not improved and at least ``min_epochs`` epochs are
+    done (only when ``enabled``): before learning starts the metric is flat (a model that
+    predicts one class scores MCC 0 epoch after epoch), which is no reason to stop.
     """
 
-    def __init__(self, metric: str, patience: int, min_delta: float = 0.0, enabled: bool = True):
+    def __init__(self, metric: str, patience: int, min_delta: float = 0.0, enabled: bool = True,
+                 min_epochs: int = 1):
         self.metric, self.patience, self.min_delta, self.enabled = metric, patience, min_delta, enabled
+        self.min_epochs = min_epochs
         self.best_value = -math.inf
         self.best_epoch = 0
         self.bad_epochs = 0
+        self.last_epoch = 0
 
     def update(self, epoch: int, value: float) -> bool:
         """Record ``value`` of ``metric`` for ``epoch`` (1-based); True if it is the new best."""
+        self.last_epoch = epoch
         score = value if value == value else -math.inf  # NaN never counts as an improvement
         if self.best_epoch == 0 or score > self.best_value + self.min_delta:
             self.best_value, self.best_epoch, self.bad_epochs = score, epoch, 0
@@ -116,18 +122,21 @@ class EarlyStopping:
 
     @property
     def should_stop(self) -> bool:
-        """True once ``patience`` epochs in a row brought no improvement."""
-        return self.enabled and self.bad_epochs >= self.patience
+        """True once ``patience`` epochs in a row brought no improvement, from ``min_epochs`` on."""
+        return self.enabled and self.last_epoch >= self.min_epochs and self.bad_epochs >= self.patience
 
     def state_dict(self) -> dict:
-        """Best value, best epoch and the count of epochs without improvement."""
-        return {"best_value": self.best_value, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+        """Best value, best epoch, the count of epochs without improvement, the last epoch."""
+        return {"best_value": self.best_value, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+                "last_epoch": self.last_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` returned."""
         self.best_value = state["best_value"]
         self.best_epoch = state["best_epoch"]
         self.bad_epochs = state["bad_epochs"]
+        # Checkpoints written before min_epochs existed: the last epoch follows from the others.
+        self.last_epoch = state.get("last_epoch", self.best_epoch + self.bad_epochs)
 
 
 def check_splits(data: PreparedData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -168,6 +177,8 @@ def test_result(scores: dict, class_names: list[str], stopper: EarlyStopping, tr
         "test_n_cells": scores["n_cells"],
         "test_confusion_matrix": scores["confusion_matrix"],
         "test_per_class_accuracy": scores["per_class_accuracy"],
+        "test_predicted_classes": scores["predicted_classes"],
+        "test_true_classes": scores["true_classes"],
         "class_names": list(class_names),
         "best_epoch": stopper.best_epoch,
         f"best_val_{track_metric}": stopper.best_value,
@@ -286,13 +297,14 @@ class EpochRunner:
     ``load_state_dict`` and the attributes ``history``, ``best_state``, ``model``,
     ``test_cells``, ``class_names``, ``stopper``, ``cfg``, ``run_dir``, ``_test_result``."""
 
-    def _finish_epoch(self, val: dict, train_loss: float, speed: dict) -> dict:
+    def _finish_epoch(self, val: dict, train_loss: float, speed: dict, finished: bool = False) -> dict:
         """Count the epoch, update early stopping (keeping the best weights) and return the
-        epoch's metrics (keys documented on ``AnnotationTrainer.step``), also kept in the history."""
+        epoch's metrics (keys documented on ``AnnotationTrainer.step``), also kept in the
+        history. ``finished`` ends the run whatever early stopping says."""
         self.epoch += 1
         metric = self.cfg.track_metric
         if self.stopper.update(self.epoch, val[metric]):
-            self.best_state = cpu_copy(self.model.state_dict())
+            self.best_state = self.model_state()
         result = {
             "epoch": self.epoch,
             "train_loss": train_loss,
@@ -300,10 +312,12 @@ class EpochRunner:
             "val_accuracy": val["accuracy"],
             "val_macro_f1": val["macro_f1"],
             "val_mcc": val["mcc"],
+            "val_predicted_classes": val["predicted_classes"],
+            "val_true_classes": val["true_classes"],
             **speed,
             f"best_val_{metric}": self.stopper.best_value,
             "best_epoch": self.stopper.best_epoch,
-            "should_stop": self.stopper.should_stop or self.epoch >= self.cfg.max_epochs,
+            "should_stop": finished or self.stopper.should_stop or self.epoch >= self.cfg.max_epochs,
         }
         self.history.append(result)
         return result
@@ -323,8 +337,10 @@ class EpochRunner:
         call returns the same result. Keys: ``test_accuracy``, ``test_macro_f1``,
         ``test_mcc``, ``test_loss``, ``test_n_cells``, ``test_confusion_matrix`` (int64
         numpy, rows true / columns predicted, class-id order), ``test_per_class_accuracy``
-        (float numpy, NaN where a class has no test cell), ``class_names`` (class-id order),
-        ``best_epoch``, ``best_val_<track_metric>``.
+        (float numpy, NaN where a class has no test cell), ``test_predicted_classes`` and
+        ``test_true_classes`` (distinct classes predicted / present; see
+        ``metrics.degenerate_splits``), ``class_names`` (class-id order), ``best_epoch``,
+        ``best_val_<track_metric>``.
         """
         if self._test_result is not None:
             return self._test_result
@@ -332,9 +348,23 @@ class EpochRunner:
             raise TokbenchError("no epoch has been trained yet: call step() or fit() before test()")
         if len(self.test_cells) == 0:
             raise TokbenchError("the test split is empty: no cell is assigned to 'test'; check the split settings")
-        self.model.load_state_dict(self.best_state)
+        self.load_model_state(self.best_state)
         self._test_result = self.evaluate_test()
         return self._test_result
+
+    def model_state(self) -> dict:
+        """A CPU copy of the current weights (what ``best_model.pt`` holds)."""
+        return cpu_copy(self.model.state_dict())
+
+    def load_model_state(self, state: dict) -> None:
+        """Set the weights from a ``model_state()``."""
+        self.model.load_state_dict(state)
+
+    def evaluate_split(self, name: str) -> dict:
+        """Metrics of the current weights on split ``name`` (``train``, ``val``, ``test``),
+        as ``AnnotationMetrics.compute`` returns them; after ``test()`` these are the best
+        validation epoch's weights."""
+        return self._evaluate(self.data.split_indices(name))
 
     def evaluate_test(self) -> dict:
         """Test metrics of the *current* weights, keyed as ``test()`` returns them.
@@ -398,7 +428,7 @@ class AnnotationTrainer(EpochRunner):
 
         self.epoch = 0  # epochs completed
         self.stopper = EarlyStopping(trainer_cfg.track_metric, trainer_cfg.patience,
-                                     trainer_cfg.min_delta, trainer_cfg.early_stopping)
+                                     trainer_cfg.min_delta, trainer_cfg.early_stopping, trainer_cfg.min_epochs)
         self.best_state: Optional[dict[str, torch.Tensor]] = None
         self.history: list[dict] = []
         self._test_result: Optional[dict] = None
@@ -430,7 +460,9 @@ class AnnotationTrainer(EpochRunner):
         """Train one epoch, score validation, update early stopping; return the epoch's metrics.
 
         Keys: ``epoch`` (1-based), ``train_loss`` (mean cross-entropy, nats),
-        ``val_loss``, ``val_accuracy``, ``val_macro_f1``, ``val_mcc``, ``lr`` (at the epoch's
+        ``val_loss``, ``val_accuracy``, ``val_macro_f1``, ``val_mcc``,
+        ``val_predicted_classes`` and ``val_true_classes`` (distinct classes predicted /
+        present on validation), ``lr`` (at the epoch's
         last step), ``cells_per_second`` and ``tokens_per_second`` (training only; tokens are
         non-pad positions), ``train_seconds``, ``epoch_seconds`` (training + validation),
         ``padded_fraction`` (pad share of all training positions), ``data_fraction`` (share of

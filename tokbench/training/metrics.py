@@ -7,7 +7,7 @@ import io
 import os
 import uuid
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,9 @@ class AnnotationMetrics:
     matters for a cross-tissue test split lacking some types); ``mcc`` is the multiclass
     Matthews correlation; ``confusion_matrix`` counts cells, rows = true class, columns =
     predicted class, in class-id order; ``per_class_accuracy`` is its diagonal over its row
-    sums (recall; NaN for classes with no cell in the split).
+    sums (recall; NaN for classes with no cell in the split); ``predicted_classes`` and
+    ``true_classes`` count the distinct classes predicted and present, so a model that
+    answers one class for every cell can be told apart from one that learned.
     """
 
     def __init__(self, n_classes: int, device: torch.device | str = "cpu"):
@@ -53,7 +55,8 @@ class AnnotationMetrics:
     def compute(self) -> dict:
         """``accuracy``, ``macro_f1``, ``mcc``, ``loss`` (mean cross-entropy, nats) as floats;
         ``confusion_matrix`` (int64 numpy, n x n); ``per_class_accuracy`` (float64 numpy, n);
-        ``n_cells``."""
+        ``n_cells``; ``predicted_classes`` and ``true_classes`` (ints: distinct classes among
+        the predictions and among the targets)."""
         confusion = self.confusion.compute().cpu().numpy().astype(np.int64)
         support = confusion.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -66,7 +69,43 @@ class AnnotationMetrics:
             "confusion_matrix": confusion,
             "per_class_accuracy": per_class,
             "n_cells": self.n_cells,
+            "predicted_classes": int((confusion.sum(axis=0) > 0).sum()),
+            "true_classes": int((support > 0).sum()),
         }
+
+
+DEGENERATE_SPLITS = ("val", "test")
+
+
+def degenerate_splits(metrics: Mapping) -> list[str]:
+    """The splits on which the model predicted a single class for every cell although the
+    split holds cells of more than one class: ``[]``, ``["val"]``, ``["test"]`` or both.
+
+    ``metrics`` is one flat mapping such as an epoch result merged with the test result
+    (``{**history[best_epoch - 1], **test_result}``, or a sweep trial's result at its best
+    epoch): ``val_predicted_classes`` / ``val_true_classes`` are read for ``"val"`` and
+    ``test_predicted_classes`` / ``test_true_classes`` for ``"test"``. A split whose
+    predicted count is missing is not judged; a missing true count falls back to the row
+    sums of ``<split>_confusion_matrix`` and, without one, counts as several classes.
+    """
+    flagged = []
+    for split in DEGENERATE_SPLITS:
+        predicted = metrics.get(f"{split}_predicted_classes")
+        if predicted is None:
+            continue
+        true = metrics.get(f"{split}_true_classes")
+        if true is None:
+            confusion = metrics.get(f"{split}_confusion_matrix")
+            true = int((np.asarray(confusion).sum(axis=1) > 0).sum()) if confusion is not None else 2
+        if int(predicted) <= 1 and int(true) > 1:
+            flagged.append(split)
+    return flagged
+
+
+def predicted_class_names(confusion: np.ndarray, class_names: Sequence[str]) -> list[str]:
+    """Names of the classes that received at least one prediction (columns with cells)."""
+    columns = np.asarray(confusion).sum(axis=0)
+    return [name for name, n in zip(class_names, columns) if n > 0]
 
 
 def _atomic_write_bytes(path: Path, payload: bytes) -> None:
