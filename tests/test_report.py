@@ -72,15 +72,23 @@ def test_leaderboard_means_sds_and_gap_over_seeds():
     assert board.loc["A", "seeds"] == 3
 
 
-def test_a_missing_score_makes_the_mean_missing_never_zero():
+def test_an_unscored_trial_is_counted_apart_and_a_missing_metric_stays_missing():
     trials = two_tokenizers()
     trials.loc[(trials["tokenizer"] == "B") & (trials["seed"] == 1), "test_mcc"] = math.nan
+    trials.loc[(trials["tokenizer"] == "A") & (trials["seed"] == 2), "test_accuracy"] = math.nan
+    trials = pd.concat([trials, trial_table([{"tokenizer": "D", "seed": 0, "test_accuracy": 0.9}])], ignore_index=True)
     board = stats.leaderboard(trials).set_index("tokenizer")
-    assert math.isnan(board.loc["B", "test_mcc_mean"]) and math.isnan(board.loc["B", "test_mcc_sd"])
-    assert board.index[-1] == "B"  # missing sorts last
-    assert board.loc["B", "test_accuracy_mean"] == pytest.approx(0.55)  # other metrics unaffected
+    # B's unscored trial contributes nothing, not even its accuracy, and is counted apart.
+    assert board.loc["B", "test_mcc_mean"] == pytest.approx(0.425)
+    assert board.loc["B", "test_accuracy_mean"] == pytest.approx(0.525)
+    assert board.loc["B", ["trials", "seeds", "unscored"]].tolist() == [2, 2, 1]
+    assert math.isnan(board.loc["B", "test_mcc_ci_low"]) and board.loc["B", "interval_note"] == stats.NO_INTERVAL
+    # A counted trial without an accuracy makes the mean accuracy missing, never a mean of fewer.
+    assert math.isnan(board.loc["A", "test_accuracy_mean"]) and board.loc["A", "test_mcc_mean"] == pytest.approx(0.7)
+    # A tokenizer with no scored trial keeps its row, missing, last.
+    assert board.index[-1] == "D" and math.isnan(board.loc["D", "test_mcc_mean"]) and board.loc["D", "unscored"] == 1
     effects = stats.main_effects(stats.leaderboard(trials)).set_index(["factor", "level"])
-    assert math.isnan(effects.loc[("fg", "pretrained"), "test_mcc_mean"])
+    assert effects.loc[("fg", "pretrained"), "test_mcc_mean"] == pytest.approx(0.425)
 
 
 def test_running_and_failed_trials_are_counted_but_not_averaged():
@@ -112,28 +120,55 @@ def test_heatmap_holds_one_cell_per_fe_fg_fc_without_the_baseline():
     assert grid.set_index("fg").loc["learned", "test_mcc_mean"] == pytest.approx(0.7)
 
 
-def test_bootstrap_interval_is_seeded_and_contains_the_mean():
+def test_bootstrap_interval_is_scipys_and_needs_three_replicates():
+    from scipy.stats import bootstrap
+
     values = np.array([0.1, 0.3, 0.2, 0.5, 0.4])
-    first = stats.bootstrap_mean_ci(values, n_resamples=2000, seed=3)
-    assert first == stats.bootstrap_mean_ci(values, n_resamples=2000, seed=3)
-    mean, low, high = first
+    mean, low, high = stats.bootstrap_mean_ci(values, n_resamples=2000, seed=3)
+    ours = bootstrap((values,), np.mean, n_resamples=2000, confidence_level=0.95, rng=np.random.default_rng(3))
+    assert (low, high) == (pytest.approx(ours.confidence_interval.low), pytest.approx(ours.confidence_interval.high))
     assert mean == pytest.approx(0.3) and low < mean < high
-    assert 0.15 < low and high < 0.45  # the mean of five values spread over 0.1..0.5
-    assert all(math.isnan(v) for v in stats.bootstrap_mean_ci([0.1, math.nan]))
+    assert stats.bootstrap_mean_ci(values, seed=3) == stats.bootstrap_mean_ci(values, seed=3)  # reproducible
+    # Two seeds: the percentile bootstrap would only restate [min, max]; no interval at all.
+    mean, low, high = stats.bootstrap_mean_ci([0.2, 0.6])
+    assert mean == pytest.approx(0.4) and math.isnan(low) and math.isnan(high)
+    assert all(math.isnan(v) for v in stats.bootstrap_mean_ci([0.1, math.nan, 0.3]))
     assert stats.bootstrap_mean_ci([0.2, 0.2, 0.2])[1:] == (pytest.approx(0.2), pytest.approx(0.2))
+    diff, low, high = stats.bootstrap_diff_ci([0.5, 0.6, 0.7], [0.1, 0.2, 0.3], n_resamples=2000, seed=1)
+    theirs = bootstrap(([0.5, 0.6, 0.7], [0.1, 0.2, 0.3]), lambda a, b, axis: a.mean(axis) - b.mean(axis),
+                       n_resamples=2000, rng=np.random.default_rng(1)).confidence_interval
+    assert diff == pytest.approx(0.4) and (low, high) == (pytest.approx(theirs.low), pytest.approx(theirs.high))
+    assert math.isnan(stats.bootstrap_diff_ci([0.5, 0.6, 0.7], [0.1, 0.2])[1])
 
 
-def test_pairwise_pairs_by_seed_and_falls_back_to_unpaired():
+def test_pairwise_pairs_by_seed_with_t_test_and_power_and_falls_back_to_unpaired():
+    from scipy.stats import ttest_ind, ttest_rel
+    from statsmodels.stats.power import TTestPower
+
     trials = pd.concat([two_tokenizers(), trial_table([
         {"tokenizer": "C", "seed": 7, "test_mcc": 0.1}, {"tokenizer": "C", "seed": 8, "test_mcc": 0.3}])], ignore_index=True)
     best = stats.best_tokenizer(stats.leaderboard(trials))
     assert best == "A"
     pairs = stats.pairwise_vs_best(trials, best).set_index("other")
-    assert pairs.loc["B", "paired"] and pairs.loc["B", "n"] == 3
+    a, b = [0.6, 0.7, 0.8], [0.4, 0.5, 0.45]
+    assert pairs.loc["B", "paired"] and pairs.loc["B", "n"] == 3 and pairs.loc["B", "test"] == "paired t-test"
     assert pairs.loc["B", "mean_diff"] == pytest.approx(np.mean([0.2, 0.2, 0.35]))
+    assert pairs.loc["B", "ci_low"] <= pairs.loc["B", "mean_diff"] <= pairs.loc["B", "ci_high"]
+    assert pairs.loc["B", "p_value"] == pytest.approx(ttest_rel(a, b).pvalue)
+    diffs = np.subtract(a, b)
+    dz = diffs.mean() / diffs.std(ddof=1)
+    assert pairs.loc["B", "effect_size"] == pytest.approx(dz)
+    assert pairs.loc["B", "seeds_for_power"] == math.ceil(TTestPower().solve_power(dz, alpha=0.05, power=0.8))
+    # C shares no seed with A: unpaired, Welch's test, and with two seeds no interval.
     assert not pairs.loc["C", "paired"] and pairs.loc["C", "mean_diff"] == pytest.approx(0.7 - 0.2)
-    for row in pairs.itertuples():
-        assert row.ci_low <= row.mean_diff <= row.ci_high
+    assert pairs.loc["C", "p_value"] == pytest.approx(ttest_ind(a, [0.1, 0.3], equal_var=False).pvalue)
+    assert math.isnan(pairs.loc["C", "ci_low"]) and pairs.loc["C", "interval_note"] == stats.NO_INTERVAL
+    # The leaderboard carries the same comparison.
+    board = stats.leaderboard(trials).set_index("tokenizer")
+    assert board.loc["B", "p_vs_best"] == pytest.approx(pairs.loc["B", "p_value"]) and board.loc["B", "n_vs_best"] == 3
+    assert pd.isna(board.loc["A", "p_vs_best"])
+    assert stats.seeds_for_power(0.0) != stats.seeds_for_power(0.0)  # no difference: no seed count
+    assert stats.seeds_for_power(50.0) in (2, 3)  # where the solver fails, whole counts are tried
 
 
 def test_best_tokenizer_is_never_the_baseline_unless_alone():
@@ -222,15 +257,21 @@ def store_report(store, tmp_path_factory) -> Path:
     return out
 
 
-def test_page_from_a_store_marks_missing_scores_and_keeps_them_out_of_means(store_report):
+def test_page_from_a_store_counts_unscored_trials_apart_and_marks_missing_values(store_report):
     page = store_report / "report.html"
     board = pd.read_csv(store_report / "tables" / "leaderboard.csv").set_index("tokenizer")
-    assert math.isnan(board.loc["pretrained/zero/geneformer", "test_mcc_mean"])
-    assert board.loc["pretrained/zero/geneformer", "test_accuracy_mean"] == pytest.approx(0.325)
+    # Seed 1 finished without a test score: counted as unscored, none of its numbers averaged.
+    row = board.loc["pretrained/zero/geneformer"]
+    assert row["test_mcc_mean"] == pytest.approx(0.1) and row["test_accuracy_mean"] == pytest.approx(0.3)
+    assert row[["trials", "unscored", "stopped_early"]].tolist() == [1, 1, 1]
     assert board.loc["learned/zero/geneformer", "val_mcc_mean"] == pytest.approx(0.65)  # best epoch, not last
     html = page.read_text()
     row = re.search(r"<td class=\"name\">pretrained/zero/geneformer</td>.*?</tr>", html, re.S).group(0)
-    assert "missing" in row and "0.000" not in row
+    assert "<td>0.100</td>" in row and "no interval" in row
+    # One seed: no sd, no interval, no test; missing shown as such, never 0.
+    pairs = re.search(r'<table id="table-pairwise">.*?</table>', html, re.S).group(0)
+    assert "missing" in pairs and "n seeds &lt; 3: no interval" in pairs
+    assert "1 without a test score" in html
     for figure_id in FIGURE_IDS:
         assert f'<figure id="{figure_id}">' in html
     # The confusion matrix of the best trial names its classes.
@@ -434,15 +475,30 @@ def test_leaderboard_csv_matches_the_runs_in_mlflow(real_sweep, real_report):
 
 
 @pytest.mark.slow
-def test_pairwise_csv_matches_the_runs_and_its_intervals_hold_the_means(real_sweep, real_report):
+def test_pairwise_csv_matches_the_runs_and_two_seeds_give_no_interval(real_sweep, real_report):
+    from scipy.stats import ttest_rel
+
     pairs = pd.read_csv(real_report / "tables" / "pairwise.csv")
     scores = {(r.data.tags["combination"], int(r.data.tags["seed"])): r.data.metrics["final_test_mcc"]
               for r in real_sweep["children"]}
     assert len(pairs) == 2 and pairs["paired"].all() and (pairs["n"] == 2).all()
     for row in pairs.itertuples():
-        expected = np.mean([scores[(row.best, s)] - scores[(row.other, s)] for s in (0, 1)])
-        assert row.mean_diff == pytest.approx(expected, abs=1e-9)
-        assert row.ci_low - 1e-12 <= row.mean_diff <= row.ci_high + 1e-12
+        best, other = [scores[(row.best, s)] for s in (0, 1)], [scores[(row.other, s)] for s in (0, 1)]
+        assert row.mean_diff == pytest.approx(np.mean(best) - np.mean(other), abs=1e-9)
+        assert math.isnan(row.ci_low) and math.isnan(row.ci_high) and row.interval_note == stats.NO_INTERVAL
+        expected = ttest_rel(best, other).pvalue
+        assert (math.isnan(row.p_value) and math.isnan(expected)) or row.p_value == pytest.approx(expected)
+    board = pd.read_csv(real_report / "tables" / "leaderboard.csv")
+    assert board["test_mcc_ci_low"].isna().all() and (board["interval_note"] == stats.NO_INTERVAL).all()
+
+
+@pytest.mark.slow
+def test_console_and_page_leaderboards_of_the_sweep_are_equal(real_sweep, real_report, tmp_path):
+    # Both are logged to the parent run: the console's (from the sweep state) at its top level,
+    # the page's (from MLflow) under report/tables.
+    console = real_sweep["client"].download_artifacts(real_sweep["parent"].info.run_id, "leaderboard.csv", str(tmp_path))
+    pd.testing.assert_frame_equal(pd.read_csv(console), pd.read_csv(real_report / "tables" / "leaderboard.csv"),
+                                  check_exact=False, rtol=1e-9)
 
 
 @pytest.mark.slow
@@ -522,3 +578,8 @@ def test_the_page_without_finished_trials_renders_in_chromium(tmp_path):
     page = build_report(uri, tmp_path / "out", sweep_id="early", refresh_seconds=30)
     drawn = check_in_chromium(page, tmp_path / "report_no_finished_trials.png")
     assert drawn["fig-learning-curves"] and not drawn["fig-leaderboard"]
+
+
+def test_the_page_with_unscored_trials_and_no_intervals_renders_in_chromium(store_report, tmp_path):
+    drawn = check_in_chromium(store_report / "report.html", tmp_path / "report_hand_made.png")
+    assert drawn["fig-leaderboard"] and drawn["fig-pairwise"]

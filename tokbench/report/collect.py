@@ -33,7 +33,8 @@ HTTP_TIMEOUT_S = 20
 TRIAL_COLUMNS = [
     "run_id", "run_name", "sweep_id", "trial_id", "tokenizer", "baseline", *FACTORS, "method",
     "dataset", "split", "seed", "status", "end_state", "finished", "epochs_run", "max_epochs",
-    "stopped_at_epoch", "test_mcc", "test_accuracy", "val_mcc_best", "train_seconds", "wall_seconds",
+    "stopped_at_epoch", "test_mcc", "test_accuracy", "val_mcc_best", "degenerate", "test_predicted_classes",
+    "train_seconds", "wall_seconds",
 ]
 CURVE_COLUMNS = ["run_id", "tokenizer", "seed", "end_state", "epoch", "val_mcc"]
 
@@ -208,6 +209,10 @@ def trial_row(run, val_mcc: pd.Series, epoch_seconds: pd.Series, now_ms: int) ->
         "test_mcc": _float(metrics.get("final_test_mcc", metrics.get("test_mcc"))),
         "test_accuracy": _float(metrics.get("final_test_accuracy", metrics.get("test_accuracy"))),
         "val_mcc_best": float(np.nanmax(val_mcc.to_numpy())) if val_mcc.notna().any() else math.nan,
+        # "no", "val", "test" or "val+test" (a single predicted class there); runs recorded
+        # before the check carry no tag: unknown (None), never "no".
+        "degenerate": tags.get("degenerate") or None,
+        "test_predicted_classes": _float(metrics.get("test_predicted_classes")),
         "train_seconds": float(epoch_seconds.sum()) if len(epoch_seconds) else math.nan,
         "wall_seconds": (end_ms - run.info.start_time) / 1000 if run.info.start_time else math.nan,
     }

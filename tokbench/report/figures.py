@@ -160,7 +160,7 @@ def draw_main_effects(t: ReportTables) -> Drawn:
 
 def draw_pairwise(t: ReportTables) -> Drawn:
     """The best tokenizer minus each other one in test MCC: mean over shared seeds with its
-    95% bootstrap interval; right of zero = the best is ahead."""
+    95% bootstrap interval (none below three seeds); right of zero = the best is ahead."""
     pairs = t.pairwise
     if pairs.empty:
         return "Needs at least two tokenizers with finished trials."
@@ -170,11 +170,18 @@ def draw_pairwise(t: ReportTables) -> Drawn:
     y = np.arange(len(pairs))
     mean = pairs["mean_diff"].astype(float).to_numpy()
     low, high = pairs["ci_low"].astype(float).to_numpy(), pairs["ci_high"].astype(float).to_numpy()
-    ax.errorbar(mean, y, xerr=np.vstack([mean - low, high - mean]), fmt="o", color=TOKENIZER_COLOUR, capsize=3)
-    for yi, value in zip(y, mean):
+    # Below three seeds there is no interval: a bare point, never a range read as one.
+    without = np.isnan(low) | np.isnan(high)
+    xerr = np.vstack([np.where(without, 0.0, mean - low), np.where(without, 0.0, high - mean)])
+    ax.errorbar(mean, y, xerr=xerr, fmt="o", color=TOKENIZER_COLOUR, capsize=3)
+    for yi, value, no_interval in zip(y, mean, without):
         if math.isnan(value):
             ax.text(0, yi, " missing", va="center", fontsize=8, color=STOPPED_COLOUR)
-    labels = [f"{o} ({'paired' if p else 'unpaired'}, n={n})" for o, p, n in zip(pairs["other"], pairs["paired"], pairs["n"])]
+        elif no_interval:
+            ax.annotate("no interval (n < 3)", (value, yi), xytext=(6, 0), textcoords="offset points",
+                        va="center", fontsize=7, color="#666666")
+    labels = [f"{o} ({'paired' if p else 'unpaired'}, n={n}, p={_label(float(pv))})"
+              for o, p, n, pv in zip(pairs["other"], pairs["paired"], pairs["n"], pairs["p_value"])]
     ax.set_yticks(y, labels=labels, fontsize=8)
     ax.axvline(0, color="black", linewidth=0.6)
     ax.set_xlabel(f"test MCC difference: {t.best} minus the other")

@@ -194,6 +194,37 @@ def format_mean_sd(mean, sd, digits: int = 3):
     return Markup(f"{mean:.{digits}f} &plusmn; {sd:.{digits}f}")
 
 
+def format_interval(low, high, note: Optional[str] = None, digits: int = 3):
+    """``[low, high]``; without an interval, the reason (``note``, e.g. "n seeds < 3: no
+    interval") in place of numbers, so an empty cell is never read as a result."""
+    from markupsafe import Markup, escape
+
+    if _is_missing(low) or _is_missing(high):
+        return Markup(f'<span class="note">{escape(note or stats.NO_INTERVAL)}</span>')
+    return f"[{float(low):.{digits}f}, {float(high):.{digits}f}]"
+
+
+def format_p_value(p_value, n=None):
+    """A p-value with its n: ``0.042 (n=5)``, ``<0.001 (n=5)``; "missing" without one."""
+    if _is_missing(p_value):
+        return format_number(p_value)
+    shown = "<0.001" if float(p_value) < 0.001 else f"{float(p_value):.3f}"
+    return shown if _is_missing(n) else f"{shown} (n={int(n)})"
+
+
+def format_degenerate(count, unknown=0):
+    """Trials that predicted one class, marked when any did; "?" counts trials recorded
+    without the check (unknown, not "no")."""
+    from markupsafe import Markup
+
+    count = 0 if _is_missing(count) else int(count)
+    unknown = 0 if _is_missing(unknown) else int(unknown)
+    text = Markup(f'<span class="flag">&#9888; {count}</span>') if count else "0"
+    if unknown:
+        text = Markup(f"{text} + {unknown}?")
+    return text
+
+
 def _records(frame: Optional[pd.DataFrame]) -> list[dict]:
     if frame is None or frame.empty:
         return []
@@ -208,6 +239,7 @@ def _counts(trials: pd.DataFrame) -> dict:
         "stopped_early": int(states.get("stopped_early", 0)),
         "running": int(states.get("running", 0)),
         "failed": int(states.get("failed", 0)),
+        "unscored": int((trials["finished"].astype(bool) & ~stats.counted(trials)).sum()) if len(trials) else 0,
     }
 
 
@@ -221,9 +253,15 @@ def render_page(runs: collect.RunSet, tables: ReportTables, figures: list[dict],
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = format_number
     env.filters["pm"] = format_mean_sd
+    env.filters["interval"] = format_interval
+    env.filters["pvalue"] = format_p_value
+    env.filters["flag"] = format_degenerate
     board = _records(tables.board)
     by_name = {row["tokenizer"]: row for row in board}
     baseline = next((row for row in board if row["baseline"]), None)
+    # The closest rival decides whether "best" is a winner or a tie.
+    runner_up = next((row for row in board if row["tokenizer"] != tables.best and not row["baseline"]
+                      and row["diff_vs_best"] is not None), None)
     trials = runs.trials
     return env.get_template(TEMPLATE).render(
         title=runs.title,
@@ -232,11 +270,16 @@ def render_page(runs: collect.RunSet, tables: ReportTables, figures: list[dict],
         generated=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         refresh_seconds=int(refresh_seconds) if refresh_seconds else None,
         css=(folder / STYLESHEET).read_text(),
+        ci_level=stats.CI_LEVEL,
+        min_replicates=stats.MIN_REPLICATES,
+        power=stats.POWER,
+        alpha=stats.ALPHA,
         counts=_counts(trials),
         datasets=sorted({d for d in trials["dataset"] if d}),
         splits=sorted({s for s in trials["split"] if s}),
         best=by_name.get(tables.best),
         baseline=baseline if baseline and baseline["tokenizer"] != tables.best else None,
+        runner_up=runner_up,
         board=board,
         effects=_records(tables.effects),
         pairwise=_records(tables.pairwise),
