@@ -17,8 +17,13 @@ from tokbench.errors import TokbenchError
 from tokbench.sweep.spec import Sweep, dry_run, load_sweep
 from tokbench.sweep.state import SweepState
 from tokbench.tracking.mlflow_runs import RunLogger, resolve_tracking_uri
+from tokbench.tracking.outbox import PARENT_KEY, Outbox, QueuedRun, client_env_for_outbox, open_outbox
 
 log = logging.getLogger("tokbench.sweep")
+
+# How long the end of a sweep waits for MLflow to take every queued record before it stops
+# and names the replay command (seconds; $TOKBENCH_TRACKING_WAIT overrides).
+TRACKING_WAIT = 180.0
 
 
 def storage_root(sweep: Sweep) -> Path:
@@ -181,21 +186,32 @@ def run_sweep(
     _connect(address, num_cpus)
     _check_resources(sweep, address)
 
+    client_env_for_outbox()
     if state is None:
         sweep_id = exp_dir.name
-        parent = RunLogger(uri, sweep.experiment_name, run_name=sweep_id, tags={"sweep_id": sweep_id, "tokbench.kind": "sweep"})
+        # Created at once: a tracking URI that does not work is refused before any trial.
+        created = RunLogger(uri, sweep.experiment_name, run_name=sweep_id, tags={"sweep_id": sweep_id, "tokbench.kind": "sweep"})
         state = SweepState(
             exp_dir,
             {"sweep_id": sweep_id, "sweep_hash": sweep.sweep_hash, "sweep_file": str(sweep.path),
-             "parent_run_id": parent.run_id, "tracking_uri": uri, "experiment": sweep.experiment_name},
+             "parent_run_id": created.run_id, "tracking_uri": uri, "experiment": sweep.experiment_name},
         )
         state.save()
+        outbox = open_outbox(exp_dir, uri).start()
+        outbox.bind(PARENT_KEY, created.run_id)
+        parent = QueuedRun(outbox, PARENT_KEY)
         parent.log_params({"sweep_file": str(sweep.path), "n_trials": sweep.n_trials(),
                            "scheduler": sweep.spec.scheduler.name, "search": sweep.spec.search.algorithm})
         _log_text(parent, "sweep.yaml", sweep.text)
         _log_text(parent, "trials.txt", dry_run(sweep))
     else:
-        parent = RunLogger(uri, sweep.experiment_name, run_id=state.doc["parent_run_id"])
+        # Whatever a killed driver left queued is written from now on, while the sweep goes on.
+        outbox = open_outbox(exp_dir, uri).start()
+        outbox.bind(PARENT_KEY, state.doc["parent_run_id"])
+        if outbox.pending():
+            log.info("tracking: %d records left queued by the previous driver are being written", outbox.pending())
+        parent = QueuedRun(outbox, PARENT_KEY)
+        outbox.reopen(PARENT_KEY)
 
     log.info("sweep %s: %d trials, results in %s, tracking %s", state.doc["sweep_id"], sweep.n_trials(), exp_dir, uri)
     trainable = trainable or TokbenchTrainable
@@ -223,15 +239,76 @@ def run_sweep(
         tuner.fit()
     except BaseException:
         parent.end("KILLED")
+        outbox.flush(timeout=10)  # best effort; whatever is left waits in the outbox for --resume
         raise
     state = SweepState.load(exp_dir)
+    synced = _sync_tracking(outbox, state, exp_dir, sweep, _tracking_wait())
     board = leaderboard(state)
     _log_text(parent, "leaderboard.csv", board.to_csv(index=False))
     parent.log_metrics({"trials": len(state.doc["trials"]), "epochs_run": int(board["epochs_run"].sum()) if len(board) else 0})
     parent.end("FINISHED")
     print_leaderboard(board, state)
+    if not (synced and outbox.flush(timeout=_tracking_wait())):
+        raise TokbenchError(_replay_message(outbox, sweep, exp_dir))
     publish_sweep_report(uri, state.doc["sweep_id"], parent.run_id)  # never raises: the sweep is recorded
     return board
+
+
+def _tracking_wait() -> float:
+    return float(os.environ.get("TOKBENCH_TRACKING_WAIT") or TRACKING_WAIT)
+
+
+def _sync_tracking(outbox: Outbox, state: SweepState, exp_dir: Path, sweep: Sweep, wait: float) -> bool:
+    """Write what is queued, check MLflow against Ray's results (queueing every gap), write
+    that too, and record the run ids in the sweep state; True when MLflow is complete."""
+    from tokbench.tracking.reconcile import find_gaps
+
+    synced = outbox.flush(timeout=wait)
+    if synced:
+        try:
+            find_gaps(outbox, state, exp_dir, sweep, parent_key=PARENT_KEY)
+            synced = outbox.flush(timeout=wait)
+        except Exception as exc:  # noqa: BLE001 - the server went away during the check
+            log.warning("tracking check against Ray's results failed (%s)", str(exc).splitlines()[0][:300])
+            synced = False
+    for trial_id, run_id in outbox.run_ids().items():
+        if trial_id in state.doc["trials"]:
+            state.doc["trials"][trial_id]["run_id"] = run_id
+    state.save()
+    return synced
+
+
+def _replay_message(outbox: Outbox, sweep: Sweep, exp_dir: Path) -> str:
+    return (
+        f"MLflow at {outbox.uri} did not take the sweep's last tracking records ({outbox.last_error or 'no answer'}): "
+        f"{outbox.pending()} records are kept in {outbox.path}, and every trial's results are in Ray's storage at "
+        f"{exp_dir}. Once the server answers, replay them with `tokbench sweep {sweep.path} --sync --name {exp_dir.name}`"
+    )
+
+
+def sync_sweep(path: str | Path, *, name: Optional[str] = None) -> int:
+    """``tokbench sweep FILE --sync``: write a finished (or interrupted) sweep's queued tracking
+    records and fill what MLflow lacks from Ray's results; returns the number of trials."""
+    from tokbench.report import publish_sweep_report
+
+    sweep = load_sweep(path)
+    exp_dir = _experiment_dir(storage_root(sweep), sweep, name, resume=True)
+    state = SweepState.load(exp_dir)
+    if state is None:
+        raise TokbenchError(f"--sync: {exp_dir} holds no tokbench sweep; pass --name of a sweep in {exp_dir.parent}")
+    uri = state.doc["tracking_uri"]
+    resolve_tracking_uri(uri)  # refuses, with the fix, a server that still does not answer
+    client_env_for_outbox()
+    outbox = open_outbox(exp_dir, uri).start()
+    outbox.bind(PARENT_KEY, state.doc["parent_run_id"])
+    queued = outbox.pending()
+    if not _sync_tracking(outbox, state, exp_dir, sweep, _tracking_wait()):
+        raise TokbenchError(_replay_message(outbox, sweep, exp_dir))
+    print(f"sweep {state.doc['sweep_id']}: MLflow at {uri} holds all {len(state.doc['trials'])} trials "
+          f"({queued} queued records written, then checked against Ray's results in {exp_dir})")
+    publish_sweep_report(uri, state.doc["sweep_id"], state.doc["parent_run_id"])
+    outbox.close()
+    return len(state.doc["trials"])
 
 
 def _log_text(logger: RunLogger, name: str, text: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -21,12 +22,17 @@ def state_path(experiment_dir: Path) -> Path:
 
 
 class SweepState:
-    """A small JSON document rewritten atomically on every change."""
+    """A JSON document rewritten atomically: at once with :meth:`save`, or at most every so
+    often with :meth:`save_soon` (a thousand-trial state is megabytes: rewriting it on every
+    reported epoch would make the driver the sweep's bottleneck)."""
 
     def __init__(self, directory: Path, doc: dict):
         self.path = state_path(directory)
         self.doc = doc
         self.doc.setdefault("trials", {})
+        self._dirty = False
+        self._saved_at = 0.0
+        self._save_seconds = 0.0
 
     @classmethod
     def load(cls, directory: Path) -> "SweepState | None":
@@ -42,7 +48,31 @@ class SweepState:
 
     def save(self) -> None:
         """Write atomically (temporary file, then rename)."""
+        started = time.monotonic()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}")
         tmp.write_text(json.dumps(self.doc, indent=1, sort_keys=True))
         tmp.replace(self.path)
+        self._dirty = False
+        self._saved_at = time.monotonic()
+        self._save_seconds = self._saved_at - started
+
+    def save_soon(self, interval: float = 0.5) -> bool:
+        """Mark the state changed and save it when the last save is older than ``interval``
+        seconds (and than 20 times its own duration, so saving stays under ~5% of the
+        driver's time); True when it saved. Call :meth:`flush` at the end."""
+        self._dirty = True
+        if time.monotonic() - self._saved_at >= max(interval, 20 * self._save_seconds):
+            self.save()
+            return True
+        return False
+
+    @property
+    def dirty(self) -> bool:
+        """True when a change awaits a save."""
+        return self._dirty
+
+    def flush(self) -> None:
+        """Save when anything changed since the last save."""
+        if self._dirty:
+            self.save()

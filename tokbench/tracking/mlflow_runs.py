@@ -15,6 +15,25 @@ from tokbench.errors import TokbenchError
 
 # MLflow refuses param values longer than this.
 _MAX_PARAM = 6000
+# MLflow 3's experiment type: without it the UI opens an experiment on the GenAI traces
+# overview; with it, on the training runs and their charts.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def get_or_create_experiment(client, name: str) -> str:
+    """The id of experiment ``name``, created (as a model-training experiment) when missing."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        if EXPERIMENT_KIND_TAG not in found.tags:
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    except MlflowException:  # created concurrently by another process
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def resolve_tracking_uri(uri: str | None, base_dir: str | Path | None = None) -> str:
@@ -70,6 +89,21 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def dataset_inputs(datasets: Iterable[Mapping[str, Any]]) -> list:
+    """MLflow ``DatasetInput``s from dicts of name, digest, source (a path), context (the
+    split, shown as the input's context) and optional source_type, schema, profile."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    return [
+        DatasetInput(Dataset(name=d["name"], digest=d["digest"], source_type=d.get("source_type", "local"),
+                             source=json.dumps({"uri": d["source"]}), schema=d.get("schema"), profile=d.get("profile")),
+                     tags=[InputTag("mlflow.data.context", d["context"])] if d.get("context") else [])
+        for d in datasets
+    ]
+
+
 class RunLogger:
     """An MLflow run: params, tags, per-epoch metrics, artifacts, and an honest end state.
 
@@ -94,22 +128,13 @@ class RunLogger:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
             return
-        found = self.client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self._create_experiment(experiment)
+        experiment_id = get_or_create_experiment(self.client, experiment)
         all_tags = dict(tags or {})
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(experiment_id, run_name=run_name or None, tags=all_tags)
         self.run_id = run.info.run_id
         self.experiment_id = experiment_id
-
-    def _create_experiment(self, name: str) -> str:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return self.client.create_experiment(name)
-        except MlflowException:  # created concurrently by another process
-            return self.client.get_experiment_by_name(name).experiment_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params (values stringified), 100 per request as MLflow allows."""
@@ -137,6 +162,10 @@ class RunLogger:
         ]
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def log_inputs(self, datasets: Iterable[Mapping[str, Any]]) -> None:
+        """Log dataset inputs (see :func:`dataset_inputs`), so the UI's Dataset column shows them."""
+        self.client.log_inputs(self.run_id, datasets=dataset_inputs(datasets))
 
     def log_artifacts(self, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
         """Upload files (or directories) to the run's artifact store."""

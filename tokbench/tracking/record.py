@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tokbench.tracking.mlflow_runs import RunLogger, flatten
 from tokbench.training.experiment import config_hash, tokenizer_tags
-from tokbench.training.metrics import write_confusion_report
+from tokbench.training.metrics import degenerate_splits, write_confusion_report
 
 # Per-epoch keys that are bookkeeping, not metrics worth a chart.
 _NOT_LOGGED = {"epoch", "should_stop"}
@@ -37,9 +37,14 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
 
 
 def start_run(logger: RunLogger, cfg: DictConfig) -> None:
-    """Log the flattened resolved config as params and the identifying tags."""
+    """Log the flattened resolved config as params, the identifying tags, and the dataset as
+    an MLflow dataset input (digest: the data cache key; context: the split)."""
+    from tokbench.tracking.datasets import dataset_input
+
     logger.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
-    logger.set_tags(run_tags(cfg))
+    tags = run_tags(cfg)
+    logger.set_tags(tags)
+    logger.log_inputs([dataset_input(cfg, tags["split"])])
 
 
 def log_epoch(logger: RunLogger, metrics: dict) -> None:
@@ -47,9 +52,14 @@ def log_epoch(logger: RunLogger, metrics: dict) -> None:
     logger.log_metrics({k: v for k, v in metrics.items() if k not in _NOT_LOGGED}, step=int(metrics["epoch"]))
 
 
-def log_result(logger: RunLogger, cfg: DictConfig, result: dict, runner, run_dir: Path, history: list[dict]) -> None:
+def log_result(logger: RunLogger, cfg: DictConfig, result: dict, runner, run_dir: Path, history: list[dict]) -> list[str]:
     """Final test metrics and the artifacts: confusion matrix (PNG, CSV), per-class accuracy,
-    resolved config, epoch history, and (``tracking.log_model``) the best weights."""
+    resolved config, epoch history, and (``tracking.log_model``) the best weights.
+
+    Tags the run ``degenerate``: the splits on which the model predicted a single class
+    although the split holds several (``val`` of the best epoch, ``test``), joined by ``+``,
+    or ``no``; returns those splits (see ``metrics.degenerate_splits``).
+    """
     scalars = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     logger.log_metrics(scalars, step=int(result.get("best_epoch", 0)))
     out = run_dir / "artifacts"
@@ -64,7 +74,10 @@ def log_result(logger: RunLogger, cfg: DictConfig, result: dict, runner, run_dir
     files += [history_file, run_dir / "config.yaml"]
     if cfg.tracking.log_model:
         model_file = out / "best_model.pt"
-        torch.save(runner.model.state_dict(), model_file)  # test() left the best weights loaded
+        torch.save(runner.model_state(), model_file)  # test() left the best weights loaded
         files.append(model_file)
     logger.log_artifacts(files)
-    logger.set_tags({"end_state": "completed", "epochs_run": len(history)})
+    best = history[int(result["best_epoch"]) - 1] if result.get("best_epoch") else {}
+    degenerate = degenerate_splits({**best, **result})
+    logger.set_tags({"end_state": "completed", "epochs_run": len(history), "degenerate": "+".join(degenerate) or "no"})
+    return degenerate
