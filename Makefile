@@ -27,9 +27,11 @@ demo: $(BIN)/.installed
 		TOKBENCH_CACHE=$(CURDIR)/$(DEMO)/cache RAY_AUTH_MODE=disabled \
 		$(CURDIR)/$(BIN)/tokbench sweep $(CURDIR)/search_spaces/demo.yaml
 
-# The report page's tests run in Debian's headless chromium; installed here when missing.
+# The report page's tests run in Debian's headless chromium, the PostgreSQL-backed cluster
+# test on Debian's postgresql; both installed here when missing.
 test: $(BIN)/.installed
 	bash scripts/install_chromium.sh
+	bash scripts/install_postgres.sh
 	$(BIN)/python -m pytest
 
 clean:

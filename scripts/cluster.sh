@@ -2,11 +2,14 @@
 # A tokbench cluster on this machine, on loopback only: the topology of docker/compose.yaml
 # without Docker. A Ray head (GCS, dashboard, job server; no CPUs, so trials run on the
 # workers), N Ray worker nodes (separate `ray start` processes, each with its own CPUs and
-# --temp-dir) and an MLflow server (SQLite backend store, artifacts served by the server),
-# all with Ray 2.60 token authentication on.
+# --temp-dir) and an MLflow server (artifacts served by the server), all with Ray 2.60 token
+# authentication on. The MLflow backend store is a SQLite file, or with --backend postgres a
+# PostgreSQL server of this cluster's own (Debian's postgresql package, on 127.0.0.1, its data
+# in the state folder), reached through psycopg2-binary as in docker/mlflow.Dockerfile.
 #
 #   scripts/cluster.sh up [--workers N] [--cpus-per-worker K] [--ray-port P]
 #                         [--dashboard-port P] [--mlflow-port P]
+#                         [--backend sqlite|postgres] [--postgres-port P]
 #   scripts/cluster.sh status
 #   scripts/cluster.sh down
 #
@@ -23,6 +26,10 @@
 #   TOKBENCH_RAY_PORT             GCS port (default 6379)
 #   TOKBENCH_DASHBOARD_PORT       dashboard and job server port (default 8265)
 #   TOKBENCH_MLFLOW_PORT          MLflow server port (default 5000)
+#   TOKBENCH_MLFLOW_BACKEND       MLflow backend store, sqlite or postgres (default sqlite)
+#   TOKBENCH_POSTGRES_PORT        PostgreSQL port (default: one free now)
+#   TOKBENCH_POSTGRES_BIN         folder holding initdb, postgres, pg_isready, psql (default:
+#                                 the newest /usr/lib/postgresql/*/bin)
 #   TOKBENCH_BIN                  folder holding the ray, mlflow and python to run (default:
 #                                 the repository's .venv/bin)
 #
@@ -32,10 +39,14 @@
 # process of the user). Ray's temporary folders live under /tmp/tokbench-ray-*: Ray's Unix
 # socket paths must stay below 108 bytes, which a deep state folder would exceed; `down`
 # removes them, logs included (MLflow's log and `ray start` output stay in the state's logs/).
+# PostgreSQL refuses to run as root: started by root, it runs as Debian's `postgres` user,
+# which owns its data folder ($TOKBENCH_CLUSTER_DIR/postgres) and must be able to reach it.
+# Its password is in the state's postgres.pgpass (mode 600), given to MLflow as PGPASSFILE,
+# never on a command line.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
-usage="usage: $(basename "$0") up [--workers N] [--cpus-per-worker K] [--ray-port P] [--dashboard-port P] [--mlflow-port P] | status | down"
+usage="usage: $(basename "$0") up [--workers N] [--cpus-per-worker K] [--ray-port P] [--dashboard-port P] [--mlflow-port P] [--backend sqlite|postgres] [--postgres-port P] | status | down"
 
 die() {
   echo "error: $*" >&2
@@ -170,19 +181,84 @@ load_state() {
 }
 
 cluster_pids() {
-  helper pids "$CLUSTER_ID" "$RAY_TEMP" "${MLFLOW_SID:-0}"
+  helper pids "$CLUSTER_ID" "$RAY_TEMP" "${MLFLOW_SID:-0}" "${POSTGRES_SID:-0}"
+}
+
+# PostgreSQL's fast shutdown (SIGINT to the postmaster: clients cut, a checkpoint, a clean
+# exit), so the SIGKILL of `helper stop` never meets a database mid-write. Only a postmaster
+# in this cluster's session is signalled: its pid file may name a reused pid.
+stop_postgres() {
+  local pid sid i
+  [[ -n ${PG_DATA:-} && -f $PG_DATA/postmaster.pid ]] || return 0
+  pid=$(head -n 1 "$PG_DATA/postmaster.pid")
+  sid=$(ps -o sid= -p "$pid" 2>/dev/null | tr -d ' ') || return 0
+  [[ $sid == "${POSTGRES_SID:-}" ]] || return 0
+  kill -INT "$pid" 2>/dev/null || return 0
+  for ((i = 0; i < 150; i++)); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.2
+  done
 }
 
 # Every process of the recorded cluster, ended; the state's bookkeeping removed. Returns 1
 # (after saying which) when some process would not end.
 stop_recorded() {
   local survivors
-  if ! survivors=$(helper stop "$CLUSTER_ID" "$RAY_TEMP" "${MLFLOW_SID:-0}"); then
+  stop_postgres
+  if ! survivors=$(helper stop "$CLUSTER_ID" "$RAY_TEMP" "${MLFLOW_SID:-0}" "${POSTGRES_SID:-0}"); then
     echo "error: processes of the cluster still running after SIGKILL: $survivors" >&2
     return 1
   fi
   [[ $RAY_TEMP != /tmp/tokbench-ray-* ]] || rm -rf "$RAY_TEMP"
   rm -f "$env_file" "$state/ray"
+}
+
+# The cluster's PostgreSQL server, from cmd_up (whose locals it reads): a data folder made on
+# first use, the server on 127.0.0.1:$postgres_port only (no Unix socket: Debian's socket
+# folder is the system server's), and the `mlflow` database.
+start_postgres() {
+  local pwfile=$state/.postgres-initdb-password password exists i
+  if [[ ! -f $PG_DATA/PG_VERSION ]]; then
+    password=$("$bin/python" -c 'import secrets; print(secrets.token_hex(24))')
+    mkdir -p "$PG_DATA"
+    chmod 700 "$PG_DATA"
+    (umask 077 && printf '%s\n' "$password" >"$pwfile" && printf '127.0.0.1:*:*:mlflow:%s\n' "$password" >"$pgpass")
+    ((${#as_pg[@]} == 0)) || chown postgres: "$PG_DATA" "$pwfile"
+    if ! "${as_pg[@]}" "$pg_bin/initdb" --pgdata "$PG_DATA" --username mlflow --pwfile "$pwfile" \
+      --auth scram-sha-256 --no-locale --encoding UTF8 >"$logs/postgres-initdb.log" 2>&1; then
+      rm -f "$pwfile"
+      die "initdb of $PG_DATA failed: $(tail -n 3 "$logs/postgres-initdb.log")"
+    fi
+    rm -f "$pwfile"
+  fi
+  [[ -f $pgpass ]] || die "$PG_DATA holds a PostgreSQL database but its password file $pgpass is gone; restore it, or remove $PG_DATA to start an empty one (its runs are lost)"
+  setsid "${cluster_env[@]}" "${as_pg[@]}" "$pg_bin/postgres" -D "$PG_DATA" -p "$postgres_port" \
+    -c listen_addresses=127.0.0.1 -c unix_socket_directories= </dev/null >>"$logs/postgres.log" 2>&1 &
+  POSTGRES_SID=$!  # as for MLflow: setsid execs in place
+  write_state
+  for ((i = 0; ; i++)); do
+    "$pg_bin/pg_isready" --quiet --host 127.0.0.1 --port "$postgres_port" && break
+    kill -0 "$POSTGRES_SID" 2>/dev/null || die "PostgreSQL did not start: $(tail -n 3 "$logs/postgres.log")"
+    ((i < 300)) || die "PostgreSQL did not accept connections on 127.0.0.1:$postgres_port within 60 s; see $logs/postgres.log"
+    sleep 0.2
+  done
+  local psql=(env "PGPASSFILE=$pgpass" "$pg_bin/psql" --no-psqlrc --quiet --host 127.0.0.1 --port "$postgres_port"
+    --username mlflow --dbname postgres --tuples-only --no-align)
+  exists=$("${psql[@]}" --command "SELECT 1 FROM pg_database WHERE datname = 'mlflow'" 2>>"$logs/postgres.log") ||
+    die "cannot query PostgreSQL on 127.0.0.1:$postgres_port as mlflow; see $logs/postgres.log"
+  if [[ $exists != 1 ]]; then
+    "${psql[@]}" --command "CREATE DATABASE mlflow" >/dev/null 2>>"$logs/postgres.log" ||
+      die "cannot create the mlflow database; see $logs/postgres.log"
+  fi
+}
+
+# Where the recorded cluster's MLflow keeps its runs, in words.
+describe_store() {
+  if [[ ${BACKEND:-sqlite} == postgres ]]; then
+    echo "PostgreSQL 127.0.0.1:$POSTGRES_PORT, database mlflow (data in $PG_DATA)"
+  else
+    echo "SQLite $state/mlflow.db"
+  fi
 }
 
 cmd_up() {
@@ -193,6 +269,8 @@ cmd_up() {
   local ray_port=${TOKBENCH_RAY_PORT:-6379}
   local dashboard_port=${TOKBENCH_DASHBOARD_PORT:-8265}
   local mlflow_port=${TOKBENCH_MLFLOW_PORT:-5000}
+  local backend=${TOKBENCH_MLFLOW_BACKEND:-sqlite}
+  local postgres_port=${TOKBENCH_POSTGRES_PORT:-}
   while (($#)); do
     (($# >= 2)) || die "$1 needs a value; $usage"
     case $1 in
@@ -201,6 +279,8 @@ cmd_up() {
       --ray-port) ray_port=$2 ;;
       --dashboard-port) dashboard_port=$2 ;;
       --mlflow-port) mlflow_port=$2 ;;
+      --backend) backend=$2 ;;
+      --postgres-port) postgres_port=$2 ;;
       *) die "unknown option $1; $usage" ;;
     esac
     shift 2
@@ -212,6 +292,40 @@ cmd_up() {
   done
   ((workers >= 1)) || die "--workers must be at least 1 (the head runs no trials)"
   ((cpus >= 1)) || die "--cpus-per-worker must be at least 1"
+  [[ $backend == sqlite || $backend == postgres ]] ||
+    die "--backend (or TOKBENCH_MLFLOW_BACKEND) must be sqlite or postgres, got '$backend'"
+  [[ $backend == postgres || -z ${postgres_port} ]] ||
+    die "--postgres-port (or TOKBENCH_POSTGRES_PORT) needs --backend postgres"
+
+  # PostgreSQL's binaries, its user and the driver MLflow reaches it through: all checked
+  # before anything starts.
+  local pg_bin="" as_pg=()
+  if [[ $backend == postgres ]]; then
+    [[ -z $postgres_port || $postgres_port =~ ^[0-9]+$ ]] ||
+      die "postgres_port must be a whole number, got '$postgres_port'"
+    if [[ -n ${TOKBENCH_POSTGRES_BIN:-} ]]; then
+      pg_bin=$TOKBENCH_POSTGRES_BIN
+    else
+      pg_bin=$(compgen -G "/usr/lib/postgresql/*/bin" | sort -V | tail -n 1 || true)
+    fi
+    local tool
+    for tool in initdb postgres pg_isready psql; do
+      [[ -n $pg_bin && -x $pg_bin/$tool ]] ||
+        die "PostgreSQL is not installed (no $tool in ${pg_bin:-/usr/lib/postgresql/*/bin}), which --backend postgres needs; install it with \`apt-get install postgresql\` or scripts/install_postgres.sh, set TOKBENCH_POSTGRES_BIN to the folder holding initdb and postgres, or use --backend sqlite"
+    done
+    "$bin/python" -c 'import psycopg2' 2>/dev/null ||
+      die "$bin/python has no psycopg2, MLflow's PostgreSQL driver; install it with \`$bin/python -m pip install psycopg2-binary==2.9.11\` (the version of docker/mlflow.Dockerfile) or \`pip install -e '.[dev]'\`"
+    if ((EUID == 0)); then
+      # initdb and postgres refuse root; Debian's package creates this user.
+      id -u postgres >/dev/null 2>&1 ||
+        die "running as root, PostgreSQL needs the unprivileged user 'postgres' (created by Debian's postgresql package); install it with \`apt-get install postgresql\` or run scripts/cluster.sh as another user"
+      mkdir -p "$state"
+      runuser -u postgres -- test -x "$state" ||
+        die "the 'postgres' user PostgreSQL runs as cannot reach the state folder $state (a folder above it is closed to other users); set TOKBENCH_CLUSTER_DIR to a folder it can reach, or open the folders above it with chmod o+x"
+      as_pg=(runuser -u postgres --)
+    fi
+    [[ -n $postgres_port ]] || postgres_port=$(helper free 1)
+  fi
 
   # A cluster from this state folder still running? Then stop here; a dead one is cleared.
   if load_state; then
@@ -222,12 +336,18 @@ cmd_up() {
   fi
 
   # Every port the user picks is checked before anything starts.
-  local taken port problems=()
+  local taken port problems=() ports=("$ray_port" "$dashboard_port" "$mlflow_port")
   declare -A flag=([$ray_port]="--ray-port or TOKBENCH_RAY_PORT" [$dashboard_port]="--dashboard-port or TOKBENCH_DASHBOARD_PORT"
     [$mlflow_port]="--mlflow-port or TOKBENCH_MLFLOW_PORT")
   declare -A what=([$ray_port]="Ray GCS" [$dashboard_port]="Ray dashboard" [$mlflow_port]="MLflow")
-  ((${#flag[@]} == 3)) || die "--ray-port $ray_port, --dashboard-port $dashboard_port and --mlflow-port $mlflow_port must differ"
-  taken=$(helper taken "$ray_port" "$dashboard_port" "$mlflow_port")
+  if [[ $backend == postgres ]]; then
+    flag[$postgres_port]="--postgres-port or TOKBENCH_POSTGRES_PORT"
+    what[$postgres_port]="PostgreSQL"
+    ports+=("$postgres_port")
+  fi
+  ((${#flag[@]} == ${#ports[@]})) ||
+    die "--ray-port $ray_port, --dashboard-port $dashboard_port, --mlflow-port $mlflow_port${postgres_port:+ and --postgres-port $postgres_port} must differ"
+  taken=$(helper taken "${ports[@]}")
   for port in $taken; do
     problems+=("port $port (${what[$port]}) is taken on 127.0.0.1; pick another with ${flag[$port]}")
   done
@@ -239,6 +359,8 @@ cmd_up() {
   CLUSTER_ID=$("$bin/python" -c 'import secrets; print(secrets.token_hex(8))')
   RAY_TEMP=$(mktemp -d /tmp/tokbench-ray-XXXXXX)
   RAY_PORT=$ray_port DASHBOARD_PORT=$dashboard_port MLFLOW_PORT=$mlflow_port WORKERS=$workers MLFLOW_SID=0
+  BACKEND=$backend POSTGRES_PORT=$postgres_port POSTGRES_SID=0 PG_DATA=""
+  [[ $backend == sqlite ]] || PG_DATA=$state/postgres
   local token_file=$state/auth_token logs=$state/logs
   mkdir -p "$logs" "$state/results" "$state/mlartifacts"
   (umask 077 && "$bin/python" -c 'import secrets; print(secrets.token_hex(32))' >"$token_file")
@@ -251,6 +373,10 @@ RAY_PORT=$RAY_PORT
 DASHBOARD_PORT=$DASHBOARD_PORT
 MLFLOW_PORT=$MLFLOW_PORT
 MLFLOW_SID=$MLFLOW_SID
+BACKEND=$BACKEND
+POSTGRES_PORT=$POSTGRES_PORT
+POSTGRES_SID=$POSTGRES_SID
+PG_DATA=$PG_DATA
 WORKERS=$WORKERS
 WORKER_CPUS=$cpus
 EOF
@@ -269,9 +395,20 @@ EOF
     RAY_AUTH_MODE=token "RAY_AUTH_TOKEN_PATH=$token_file" RAY_USAGE_STATS_ENABLED=0 "PATH=$bin:$PATH"
     "MLFLOW_TRACKING_URI=$mlflow_uri" "TOKBENCH_STORAGE_PATH=$state/results")
 
-  setsid "${cluster_env[@]}" "$bin/mlflow" server --host 127.0.0.1 --port "$mlflow_port" --workers 1 \
-    --backend-store-uri "sqlite:///$state/mlflow.db" --artifacts-destination "$state/mlartifacts" \
-    --serve-artifacts </dev/null >"$logs/mlflow.log" 2>&1 &
+  # The backend store. SQLite allows one writer, hence one server worker; PostgreSQL takes
+  # the workers docker/compose.yaml and docker/kuberay/mlflow.yaml run.
+  local store_uri=sqlite:///$state/mlflow.db mlflow_workers=1 pgpass=$state/postgres.pgpass
+  if [[ $backend == postgres ]]; then
+    start_postgres
+    store_uri=postgresql+psycopg2://mlflow@127.0.0.1:$postgres_port/mlflow mlflow_workers=2
+  fi
+
+  # The server options of docker/compose.yaml and docker/kuberay/mlflow.yaml (a deployment
+  # test compares them), on loopback.
+  setsid "${cluster_env[@]}" "PGPASSFILE=$pgpass" "$bin/mlflow" server --host 127.0.0.1 --port "$mlflow_port" \
+    --workers "$mlflow_workers" --backend-store-uri "$store_uri" --artifacts-destination "$state/mlartifacts" \
+    --serve-artifacts --allowed-hosts "localhost,localhost:*,127.0.0.1,127.0.0.1:*" \
+    </dev/null >"$logs/mlflow.log" 2>&1 &
   MLFLOW_SID=$!  # setsid in a non-interactive shell execs in place: its pid is the session's id
   write_state
 
@@ -317,6 +454,7 @@ tokbench cluster up (state in $state)
   Ray dashboard, job server  $dashboard
   Ray GCS                    127.0.0.1:$ray_port
   MLflow UI, tracking URI    $mlflow_uri
+  MLflow backend store       $(describe_store)
   nodes                      head (no CPUs) + $workers worker(s) x $cpus CPU
   token                      $token_file
 
@@ -353,6 +491,16 @@ cmd_status() {
   else
     echo "  MLflow     http://127.0.0.1:$MLFLOW_PORT  NOT ANSWERING (log: $state/logs/mlflow.log)"
   fi
+  if [[ ${BACKEND:-sqlite} == postgres ]]; then
+    local pg_isready
+    pg_isready=$(compgen -G "/usr/lib/postgresql/*/bin/pg_isready" | sort -V | tail -n 1 || true)
+    pg_isready=${TOKBENCH_POSTGRES_BIN:+$TOKBENCH_POSTGRES_BIN/pg_isready}${TOKBENCH_POSTGRES_BIN:-$pg_isready}
+    if [[ -x $pg_isready ]] && "$pg_isready" --quiet --host 127.0.0.1 --port "$POSTGRES_PORT"; then
+      echo "  PostgreSQL 127.0.0.1:$POSTGRES_PORT  up (data: $PG_DATA)"
+    else
+      echo "  PostgreSQL 127.0.0.1:$POSTGRES_PORT  NOT ANSWERING (log: $state/logs/postgres.log)"
+    fi
+  fi
   echo "  dashboard  http://127.0.0.1:$DASHBOARD_PORT"
   RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$state/auth_token "$bin/ray" status --address "127.0.0.1:$RAY_PORT" 2>&1 |
     sed 's/^/  /' || echo "  Ray GCS at 127.0.0.1:$RAY_PORT NOT ANSWERING"
@@ -366,7 +514,7 @@ cmd_down() {
   local n
   n=$(wc -w <<<"$(cluster_pids)")
   stop_recorded || exit 1
-  echo "tokbench cluster in $state stopped ($n processes ended); MLflow runs stay in $state/mlflow.db"
+  echo "tokbench cluster in $state stopped ($n processes ended); MLflow runs stay in $(describe_store)"
 }
 
 case ${1:-} in

@@ -14,9 +14,11 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -144,21 +146,11 @@ def test_up_prints_the_addresses_and_how_to_submit(cluster):
     assert http_get(f"http://127.0.0.1:{ports['dashboard']}/api/jobs/", None)[0] == 401
 
 
-def test_a_submitted_sweep_runs_on_the_workers_and_lands_in_the_mlflow_server(cluster, tiny_atlas, tmp_path):
+def submit_and_wait(cluster: dict, sweep: Path, submission_id: str) -> None:
+    """The sweep file, submitted with the no-upload line `up` prints; fails unless the job succeeds."""
     env = client_env(cluster)
     dashboard = f"http://127.0.0.1:{cluster['ports']['dashboard']}"
-    # Like the shipped sweep files, it leaves tracking.uri and storage_path empty: the job's
-    # MLFLOW_TRACKING_URI and TOKBENCH_STORAGE_PATH decide where it lands.
-    sweep = write_sweep(tmp_path, tiny_atlas, grid={"fc": ["geneformer", "scgpt"]}, baseline=False,
-                        scheduler={"name": "none"}, max_epochs=2,
-                        tracking={"uri": "", "experiment": "tiny"}, storage_path="")
-    # The no-upload line `up` prints, for this sweep file, with an id to follow it by.
     command = printed_command(cluster, "ray job submit ")
-    runtime_env = json.loads(command[command.index("--runtime-env-json") + 1])
-    assert runtime_env == {"env_vars": {"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"],
-                                        "TOKBENCH_STORAGE_PATH": env["TOKBENCH_STORAGE_PATH"]}}
-    assert command[command.index("--"):] == ["--", "tokbench", "sweep", str(REPO / "search_spaces" / "demo.yaml"), "--address", "auto"]
-    submission_id = f"tokbench-test-{os.getpid()}"
     command[command.index(str(REPO / "search_spaces" / "demo.yaml"))] = str(sweep)
     command[command.index("--"):command.index("--")] = ["--no-wait", "--submission-id", submission_id]
     submit = subprocess.run([*command, "--name", "tiny"], env=env, capture_output=True, text=True, timeout=120)
@@ -174,6 +166,22 @@ def test_a_submitted_sweep_runs_on_the_workers_and_lands_in_the_mlflow_server(cl
     if job["status"] != "SUCCEEDED":
         logs = json.loads(http_get(f"{dashboard}/api/jobs/{submission_id}/logs", token)[1])["logs"]
         pytest.fail(f"job {submission_id} is {job['status']}: {job.get('message')}\n{logs[-4000:]}")
+
+
+def test_a_submitted_sweep_runs_on_the_workers_and_lands_in_the_mlflow_server(cluster, tiny_atlas, tmp_path):
+    env = client_env(cluster)
+    # Like the shipped sweep files, it leaves tracking.uri and storage_path empty: the job's
+    # MLFLOW_TRACKING_URI and TOKBENCH_STORAGE_PATH decide where it lands.
+    sweep = write_sweep(tmp_path, tiny_atlas, grid={"fc": ["geneformer", "scgpt"]}, baseline=False,
+                        scheduler={"name": "none"}, max_epochs=2,
+                        tracking={"uri": "", "experiment": "tiny"}, storage_path="")
+    # The no-upload line `up` prints, for this sweep file, with an id to follow it by.
+    command = printed_command(cluster, "ray job submit ")
+    runtime_env = json.loads(command[command.index("--runtime-env-json") + 1])
+    assert runtime_env == {"env_vars": {"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"],
+                                        "TOKBENCH_STORAGE_PATH": env["TOKBENCH_STORAGE_PATH"]}}
+    assert command[command.index("--"):] == ["--", "tokbench", "sweep", str(REPO / "search_spaces" / "demo.yaml"), "--address", "auto"]
+    submit_and_wait(cluster, sweep, f"tokbench-test-{os.getpid()}")
 
     # Read back over HTTP from the cluster's MLflow server: one parent, one child per trial.
     client = MlflowClient(tracking_uri=f"http://127.0.0.1:{cluster['ports']['mlflow']}")
@@ -259,3 +267,110 @@ def test_down_leaves_no_process_behind_and_submissions_then_fail_clearly(cluster
     assert submit.stderr.strip().splitlines()[-1].startswith(f"error: no Ray job server answers at {dashboard}")
     again = cluster_sh(cluster["env"], "down", timeout=60)
     assert again.returncode == 0 and "nothing to stop" in again.stdout
+
+
+# --- The PostgreSQL backend store ---------------------------------------------------------
+
+POSTGRES_BIN = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: [int(x) for x in re.findall(r"\d+", p.parent.name)])
+
+
+def _needs_postgres() -> None:
+    """Skip (locally) or fail (in CI, where `make test` installs it) without Debian's postgresql."""
+    if not POSTGRES_BIN or not (POSTGRES_BIN[-1] / "postgres").exists():
+        message = "PostgreSQL not installed under /usr/lib/postgresql/*/bin (scripts/install_postgres.sh installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture
+def open_state():
+    """A state folder the `postgres` user can reach: pytest's own tmp folders are closed to
+    other users, and PostgreSQL, started by root, runs as that user."""
+    top = Path(tempfile.mkdtemp(prefix="tokbench-pg-test-"))
+    top.chmod(0o755)
+    yield top / "state"
+    shutil.rmtree(top, ignore_errors=True)
+
+
+def test_up_with_postgres_not_installed_says_how_to_install_it(tmp_path):
+    env = base_env(tmp_path / "state") | {"TOKBENCH_POSTGRES_BIN": str(tmp_path / "no-postgres")}
+    result = cluster_sh(env, "up", "--backend", "postgres", *[w for p, f in zip(free_ports(3), ("--ray-port", "--dashboard-port", "--mlflow-port")) for w in (f, str(p))], timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: PostgreSQL is not installed (no initdb in {tmp_path / 'no-postgres'})")
+    assert "`apt-get install postgresql` or scripts/install_postgres.sh" in result.stderr
+    assert not (tmp_path / "state" / "cluster.env").exists()
+
+
+def test_up_with_the_postgres_port_taken_names_the_flag_and_starts_nothing(open_state):
+    _needs_postgres()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        ray_port, dashboard_port, mlflow_port = free_ports(3)
+        before = set(Path("/tmp").glob("tokbench-ray-*"))
+        result = cluster_sh(base_env(open_state), "up", "--backend", "postgres", "--postgres-port", str(taken),
+                            "--ray-port", str(ray_port), "--dashboard-port", str(dashboard_port),
+                            "--mlflow-port", str(mlflow_port), timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"error: port {taken} (PostgreSQL) is taken on 127.0.0.1; "
+                                     "pick another with --postgres-port or TOKBENCH_POSTGRES_PORT")
+    assert not (open_state / "cluster.env").exists() and not (open_state / "postgres").exists()
+    assert set(Path("/tmp").glob("tokbench-ray-*")) == before
+
+
+def test_a_sweep_against_the_postgres_backed_server_end_to_end(open_state, tiny_atlas, tmp_path):
+    """One up / sweep / down cycle on PostgreSQL: runs read back over HTTP, nothing left after down."""
+    _needs_postgres()
+    ray_port, dashboard_port, mlflow_port, postgres_port = free_ports(4)
+    env = base_env(open_state)
+    up = cluster_sh(env, "up", "--backend", "postgres", "--postgres-port", str(postgres_port), "--workers", "1",
+                    "--ray-port", str(ray_port), "--dashboard-port", str(dashboard_port), "--mlflow-port", str(mlflow_port))
+    cluster = {"state": open_state, "env": env, "up": up,
+               "ports": {"ray": ray_port, "dashboard": dashboard_port, "mlflow": mlflow_port, "postgres": postgres_port}}
+    recorded = read_state(open_state) if (open_state / "cluster.env").exists() else None
+    try:
+        assert up.returncode == 0, f"cluster.sh up --backend postgres failed:\n{up.stdout}\n{up.stderr}"
+        assert (f"MLflow backend store       PostgreSQL 127.0.0.1:{postgres_port}, database mlflow "
+                f"(data in {open_state / 'postgres'})") in up.stdout
+        assert recorded["BACKEND"] == "postgres" and int(recorded["POSTGRES_SID"]) > 0
+        # The password stays off every command line; MLflow reads it from a file only its user can.
+        assert oct((open_state / "postgres.pgpass").stat().st_mode & 0o777) == "0o600"
+        password = (open_state / "postgres.pgpass").read_text().strip().rsplit(":", 1)[1]
+        for pid in processes_of(recorded["CLUSTER_ID"], recorded["RAY_TEMP"], {int(recorded["POSTGRES_SID"])}):
+            try:
+                assert password.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+        status = cluster_sh(env, "status", timeout=60)
+        assert f"PostgreSQL 127.0.0.1:{postgres_port}  up" in status.stdout, status.stdout + status.stderr
+
+        sweep = write_sweep(tmp_path, tiny_atlas, grid={"fc": ["geneformer"]}, baseline=False,
+                            scheduler={"name": "none"}, max_epochs=2,
+                            tracking={"uri": "", "experiment": "tiny"}, storage_path="")
+        submit_and_wait(cluster, sweep, f"tokbench-pg-test-{os.getpid()}")
+        client = MlflowClient(tracking_uri=f"http://127.0.0.1:{mlflow_port}")
+        runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+        parents = [r for r in runs if r.data.tags.get("tokbench.kind") == "sweep"]
+        (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED" and child.info.status == "FINISHED"
+        assert child.data.tags["tokenizer"] == "learned/zero/geneformer" and "final_test_mcc" in child.data.metrics
+        # Every epoch of the trial, once.
+        assert max(len(client.get_metric_history(child.info.run_id, key)) for key in child.data.metrics) == 2
+        assert client.list_artifacts(child.info.run_id)
+    finally:
+        if recorded is not None or (open_state / "cluster.env").exists():
+            recorded = read_state(open_state) if (open_state / "cluster.env").exists() else recorded
+            running = processes_of(recorded["CLUSTER_ID"], recorded["RAY_TEMP"], {int(recorded["POSTGRES_SID"] or 0)})
+            down = cluster_sh(env, "down", timeout=120)
+            assert down.returncode == 0, down.stderr
+            left = processes_of(recorded["CLUSTER_ID"], recorded["RAY_TEMP"], set(running.values()))
+            assert not left, f"still running after down: {sorted(left)}"
+    # PostgreSQL is gone, its data stays for the next `up`.
+    assert "database mlflow" in down.stdout
+    assert all(port_free(port) for port in cluster["ports"].values())
+    assert not any(str(open_state / "postgres").encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+                   for pid in os.listdir("/proc") if pid.isdigit() and _stat(pid) and _stat(pid)[0] != "Z"
+                   and Path(f"/proc/{pid}/cmdline").exists())
+    assert (open_state / "postgres" / "PG_VERSION").exists()

@@ -254,9 +254,57 @@ def test_compose_ray_nodes_share_results_and_authenticate(compose):
     assert worker["deploy"]["replicas"] >= 1 and "container_name" not in worker  # --scale needs no fixed name
     assert worker["depends_on"]["ray-head"]["condition"] == "service_healthy"
     mlflow = compose["services"]["mlflow"]
-    assert "--serve-artifacts" in mlflow["command"] and "postgresql://" in mlflow["command"]
+    # Driver-qualified: SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, not in the image.
+    assert "--serve-artifacts" in mlflow["command"] and "postgresql+psycopg2://" in mlflow["command"]
     assert "@postgres:5432/" in mlflow["command"] and "mlflow:*" in mlflow["command"]
     assert mlflow["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def server_options(words: list[str]) -> dict[str, str | None]:
+    """``mlflow server`` option → value (None for a flag), from its words after ``server``."""
+    options, words = {}, list(words)
+    while words:
+        word = words.pop(0)
+        name, _, value = word.partition("=")
+        if not value and words and not words[0].startswith("--"):
+            value = words.pop(0)
+        options[name] = value or None
+    return options
+
+
+def test_mlflow_server_options_agree_between_the_tested_script_compose_and_kuberay(compose):
+    """docker/compose.yaml and the KubeRay Deployment run the server `cluster.sh --backend
+    postgres` starts in the tests: the same options, a PostgreSQL store through psycopg2."""
+    script = (REPO / "scripts" / "cluster.sh").read_text()
+    start = script.index('"$bin/mlflow" server')
+    line = script[start:script.index("</dev/null", start)].replace("\\\n", " ")
+    tested = server_options(shlex.split(line)[2:])
+    documents = {d["kind"]: d for d in yaml.safe_load_all((KUBERAY / "mlflow.yaml").read_text())}
+    container = documents["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    kuberay = server_options(container["args"])
+    composed = server_options(compose["services"]["mlflow"]["command"].split())
+    assert set(tested) == set(kuberay) == set(composed), (sorted(tested), sorted(kuberay), sorted(composed))
+    assert "postgresql+psycopg2://" in script and composed["--workers"] == kuberay["--workers"] == "2"
+    # The KubeRay store URI comes from a Secret, expanded by Kubernetes into the argument.
+    assert kuberay["--backend-store-uri"] == "$(MLFLOW_BACKEND_STORE_URI)"
+    (env,) = [e for e in container["env"] if e["name"] == "MLFLOW_BACKEND_STORE_URI"]
+    assert env["valueFrom"]["secretKeyRef"]["name"] == "mlflow-postgres"
+    assert "postgresql+psycopg2://" in (KUBERAY / "mlflow.yaml").read_text()
+
+
+def test_the_postgres_driver_is_one_version_in_image_constraints_and_dev_extras():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pins = dict(line.split("==") for line in (DOCKER / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    dockerfile = (DOCKER / "mlflow.Dockerfile").read_text()
+    assert f"ARG PSYCOPG2_VERSION={pins['psycopg2-binary']}" in dockerfile
+    assert f"ARG SQLALCHEMY_VERSION={pins['sqlalchemy']}" in dockerfile
+    dev = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+    (driver,) = [r for r in map(Requirement, dev) if r.name == "psycopg2-binary"]
+    assert driver.specifier.contains(pins["psycopg2-binary"])
 
 
 # --- KubeRay -----------------------------------------------------------------------------
