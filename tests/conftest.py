@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import anndata as ad
@@ -99,3 +101,27 @@ def tiny_overrides(atlas: dict, tmp_path: Path) -> list[str]:
         "trainer.max_epochs=2",
         "fc.select.size=48",
     ]
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def chromium_driver(*arguments: str):
+    """Debian's headless Chromium driven by chromedriver, with extra command-line
+    ``arguments`` (window size, say) and the browser console log kept; skip (locally) or
+    fail (in CI, where `make test` installs it) without one."""
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
+    if missing:
+        message = f"{', '.join(missing)} not installed (scripts/install_chromium.sh installs them)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", *arguments):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)

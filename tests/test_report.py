@@ -19,6 +19,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import chromium_driver
 from tokbench.cli import main
 from tokbench.errors import TokbenchError
 from tokbench.report import build_report, publish_sweep_report, stats, watch
@@ -518,36 +519,13 @@ def test_compute_and_confusion_come_from_the_runs(real_sweep, real_report, tiny_
 
 # --------------------------------------------------------------------------- the page in a browser
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-
-
-def _chromium():
-    """A headless Chromium driven by chromedriver, or skip (locally) / fail (in CI) without one."""
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
-    if missing:
-        message = f"{', '.join(missing)} not installed (scripts/install_chromium.sh installs them)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                     "--window-size=1280,1000", "--hide-scrollbars"):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-
-
 def check_in_chromium(page: Path, screenshot: Path) -> dict[str, bool]:
     """Open ``page`` in headless Chromium: no console error or warning, every figure id in
     the DOM; save a full-page screenshot (copied to $TOKBENCH_TEST_ARTIFACTS when set).
     Returns, per figure id, whether it holds a drawing."""
     from selenium.webdriver.common.by import By
 
-    driver = _chromium()
+    driver = chromium_driver("--window-size=1280,1000", "--hide-scrollbars")
     try:
         driver.get(page.as_uri())
         assert driver.title.startswith("tokbench report: ")

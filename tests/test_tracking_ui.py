@@ -3,13 +3,12 @@ and each run shows its dataset."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import chromium_driver
 from tokbench.tracking.mlflow_runs import RunLogger
 from tokbench.tracking.outbox import PARENT_KEY, Outbox, QueuedRun
 
@@ -17,26 +16,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from tracking_load import free_port, start_mlflow_server, stop_server  # noqa: E402
 
 pytestmark = pytest.mark.slow
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-
-
-def _chromium():
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
-    if missing:
-        message = f"{', '.join(missing)} not installed (scripts/install_chromium.sh installs them)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--window-size=1600,1000"):
-        options.add_argument(argument)
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-
-
 def sweep_store(tmp_path: Path) -> tuple[str, str, str]:
     """A store written as a sweep writes it: parent run, two trial runs with their dataset."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -68,7 +47,7 @@ def test_the_experiment_opens_on_its_runs_with_their_dataset(tmp_path):
     from mlflow.tracking import MlflowClient
 
     assert MlflowClient(tracking_uri=uri).get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
-    driver = _chromium()
+    driver = chromium_driver("--window-size=1600,1000")
     port = free_port()
     server = start_mlflow_server(uri, tmp_path / "artifacts", port, workers=1)
     try:
