@@ -45,13 +45,12 @@ class Trial:
 
 def load_trials(tracking_uri: str, sweep_id: str, metric: str) -> list[Trial]:
     runs = load_runs(tracking_uri, sweep_id=sweep_id)
-    client = runs.client
+    reader = runs.reader
     combos = {name: i for i, name in enumerate(dict.fromkeys(runs.trials.sort_values("trial_id")["tokenizer"]))}
     trials = []
     for row in runs.trials.sort_values("trial_id").itertuples():
         def history(key: str) -> pd.Series:
-            points = sorted(client.get_metric_history(row.run_id, key), key=lambda m: (m.step, m.timestamp))
-            return pd.Series({m.step: m.value for m in points}, dtype=float)
+            return pd.Series(reader.metric_history(row.run_id, key), dtype=float)
 
         if row.end_state != "completed":
             raise SystemExit(f"trial {row.trial_id} ({row.tokenizer}) ended {row.end_state}: replay needs a full grid")

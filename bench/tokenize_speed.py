@@ -9,6 +9,10 @@ padding). CPU figures use one thread; with CUDA the same batches are timed on th
     python bench/tokenize_speed.py [--batches 16] [--batch-size 256] [--presets geneformer scgpt]
                                    [--distinct-values]
 
+The row ``user_variance`` is Geneformer's Fc with the order of the tutorial's own module
+(``examples/novel_tokenizer/my_tokenizers.py:VarianceOrder``): an order written in torch
+only, whose ranks the compiled kernel sorts (what a user's part costs).
+
 (Not ``bench/tokenize.py``: run as a script, that name would shadow the standard library's
 ``tokenize``, which numpy imports.)
 """
@@ -16,7 +20,9 @@ padding). CPU figures use one thread; with CUDA the same batches are timed on th
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -36,7 +42,19 @@ PRESET_FE = {
     "uce": "zero",
     "uce_noresample": "zero",
     "uce_sum": "linear",
+    "user_variance": "zero",
 }
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "novel_tokenizer"
+
+
+def fc_config(preset: str):
+    """The Fc of a row: a preset, or Geneformer's with the tutorial's user order."""
+    if preset != "user_variance":
+        return load_component("fc", preset)
+    sys.path.insert(0, str(EXAMPLE))
+    fc = load_component("fc", "geneformer")
+    fc.order = {"name": "my_tokenizers:VarianceOrder"}
+    return fc
 
 
 def synthetic_batch(rng: np.random.Generator, batch_size: int, n_genes: int, expressed: int):
@@ -113,7 +131,7 @@ def main() -> None:
     print(f"{'preset':<20}{'fe':<12}{'max_length':>11}" + "".join(f"{d + ' cells/s':>16}" for d in devices))
     for preset in args.presets:
         fe = PRESET_FE.get(preset, "zero")
-        fc = load_component("fc", preset)
+        fc = fc_config(preset)
         if fc.select.name == "panel":  # scBERT's sentence is the whole panel, zeros included
             fc = OmegaConf.merge(fc, OmegaConf.from_dotlist([f"select.size={args.genes}"]))
         tokenizer = build_tokenizer(load_component("fg", "learned"), load_component("fe", fe),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -161,6 +162,30 @@ def test_min_cells_counts_training_cells(tmp_path):
     assert SYMBOLS[4] not in set(data.gene_ids)
 
 
+def test_a_cell_left_without_counts_keeps_an_empty_sentence_and_no_warning_escapes(tmp_path, caplog):
+    # A test cell whose only count is in a gene min_cells drops reaches normalize_total with
+    # a zero total; tokbench reports it itself, so scanpy's warning must not leak. Duplicated
+    # cell names are stored as they are, without anndata's advice to make them unique.
+    adata = tiny_adata()
+    dense = adata.X.toarray()
+    gut = np.flatnonzero((adata.obs["tissue"] == "gut").to_numpy())
+    dense[:, 4] = 0
+    dense[gut, 4] = 5
+    dense[gut[0]] = 0
+    dense[gut[0], 4] = 5
+    adata.X = sp.csr_matrix(dense)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adata.obs_names = ["cell1"] + list(adata.obs_names[1:])
+        _write(tmp_path / "empty_row.h5ad", adata)
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="tokbench"):
+        warnings.simplefilter("error")
+        data = prepare(tmp_path / "empty_row.h5ad", tmp_path)
+    assert data.meta["empty_sentences"] == 1
+    assert "1 cells express none of the selected genes" in caplog.text
+    assert list(np.load(data.path / "obs_names.npy")[:2]) == ["cell1", "cell1"]
+
+
 def test_gene_median_nonzero_over_training_cells(pbmc_h5ad, tmp_path):
     data = prepare(pbmc_h5ad, tmp_path, split=dict(kind="random"), label_key="bulk_labels")
     matrix = sp.csr_matrix((np.asarray(data.data), np.asarray(data.indices), np.asarray(data.indptr)), shape=(data.n_cells, data.n_genes))
@@ -168,6 +193,20 @@ def test_gene_median_nonzero_over_training_cells(pbmc_h5ad, tmp_path):
     expected = [np.median(train.data[train.indptr[j] : train.indptr[j + 1]]) if train.indptr[j + 1] > train.indptr[j] else np.nan for j in range(data.n_genes)]
     np.testing.assert_allclose(data.gene_median_nonzero(), expected, rtol=1e-6)
     assert (data.path / "gene_median_nonzero.npy").exists()
+
+
+def test_storing_gene_medians_draws_nothing_from_the_global_rng(tiny_h5ad, tmp_path):
+    # Checkpoints save the global numpy state; a cache write must not move it.
+    data = prepare(tiny_h5ad, tmp_path)
+    np.random.seed(3)
+    _, key, position, *_ = np.random.get_state()
+    data.gene_median_nonzero()
+    data.gene_median_normalised()
+    assert (data.path / "gene_median_nonzero.npy").exists() and (data.path / "gene_median_normalised.npy").exists()
+    _, key_after, position_after, *_ = np.random.get_state()
+    np.testing.assert_array_equal(key_after, key)
+    assert position_after == position
+    assert sorted(p.name for p in data.path.iterdir() if ".tmp" in p.name) == []
 
 
 def test_cache_keeps_each_cells_counts_and_geneformer_medians(pbmc_counts, tmp_path):
@@ -338,6 +377,23 @@ def test_negative_or_non_finite_counts(tmp_path, bad):
     adata.X = sp.csr_matrix(dense)
     with pytest.raises(TokbenchError, match=r"bad.h5ad: X has a negative or non-finite count .* in cell 'cell7'"):
         prepare(_write(tmp_path / "bad.h5ad", adata), tmp_path)
+
+
+def test_bad_count_is_shown_as_a_plain_number(tmp_path):
+    adata = tiny_adata()
+    dense = adata.X.toarray()
+    dense[7, 2] = -2.0
+    adata.X = sp.csr_matrix(dense)
+    with pytest.raises(TokbenchError) as error:
+        prepare(_write(tmp_path / "bad.h5ad", adata), tmp_path)
+    assert "X has a negative or non-finite count (-2.0) in cell 'cell7'; expected raw counts" in str(error.value)
+
+
+def test_label_column_named_like_a_column_tokbench_adds_is_refused(tiny_h5ad, tmp_path):
+    adata = tiny_adata()
+    adata.obs["kept"] = adata.obs["cell_type"]
+    with pytest.raises(TokbenchError, match=r"dataset.label_key='kept' is a name tokbench uses .* copy obs\['kept'\]"):
+        prepare(_write(tmp_path / "kept.h5ad", adata), tmp_path, label_key="kept")
 
 
 def test_gene_ids_that_are_not_genes(tmp_path):

@@ -26,6 +26,7 @@ from tokbench.report import build_report, publish_sweep_report, stats, watch
 from tokbench.report.collect import TRIAL_COLUMNS
 from tokbench.report.page import dashboards_dir, load_figure_specs
 from tokbench.tracking.mlflow_runs import RunLogger
+from tokbench.tracking.reading import RunRecord, open_tracking
 from tokbench.training.metrics import write_confusion_report
 
 FIGURE_IDS = [spec.id for spec in load_figure_specs()]
@@ -370,6 +371,38 @@ def test_a_report_failure_after_a_sweep_is_a_warning(tmp_path, caplog):
     parent = hand_made_sweep(uri, "s", [])
     assert publish_sweep_report(uri, "not-this-sweep", parent) is None
     assert "the report page could not be written" in caplog.text
+
+
+def test_the_report_reads_mlflow_only_through_the_tracking_layer():
+    import ast
+
+    import tokbench.report
+
+    for module in sorted(Path(tokbench.report.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(module.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "mlflow" for n in names), f"{module.name} imports {names}"
+
+
+def test_the_tracking_reader_gives_plain_runs_histories_and_artifacts(store):
+    reader = open_tracking(store)
+    runs = reader.search_runs(tags={"sweep_id": "hand-1"})
+    assert len(runs) == 6 and all(isinstance(r, RunRecord) and type(r.tags) is dict for r in runs)
+    parent = next(r for r in runs if r.tags.get("tokbench.kind") == "sweep")
+    assert [r.run_id for r in reader.search_runs(tags={"tokbench.kind": "sweep"})] == [parent.run_id]
+    assert reader.experiment_name(parent.experiment_id) == "hand" and reader.experiment_names() == ["Default", "hand"]
+    assert yaml.safe_load(reader.read_artifact_text(parent.run_id, "sweep.yaml"))["name"] == "hand-1"
+    assert reader.read_artifact_text(parent.run_id, "absent.yaml") is None
+    first = next(r for r in runs if r.tags.get("trial_id") == "t0")
+    assert reader.metric_history(first.run_id, "val_mcc") == {1: 0.2, 2: 0.6, 3: 0.5}
+    assert first.status == "FINISHED" and first.end_time >= first.start_time > 0
+    with pytest.raises(TokbenchError, match="quote"):
+        reader.search_runs(tags={"sweep_id": "it's"})
+
+
+def test_the_page_is_written_without_leaving_temporary_files(store_report):
+    assert sorted(p.name for p in store_report.iterdir()) == ["figures", "report.html", "tables"]
 
 
 def test_figure_list_is_checked(tmp_path):

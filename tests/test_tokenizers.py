@@ -25,6 +25,7 @@ from tokbench.tokenizers import (
     catalogue,
     load_component,
 )
+from tokbench.tokenizers import registry
 from tokbench.tokenizers.config import CombineConfig, preset_names
 
 
@@ -216,7 +217,8 @@ def test_uce_preset_reproduces_its_recipe(cells6):
     genes = cell2[(cell2 >= N_SPECIAL) & (cell2 < N_SPECIAL + 6)]
     assert len(genes) == 1024 and set(genes.tolist()) <= {G[0], G[3]}
     assert tokenizer.describe() == {"fg": "learned", "fe": "zero", "fc": "uce", "order": "chromosome",
-                                    "select": "weighted_sample", "combine": "gene_only", "preset": "uce"}
+                                    "select": "weighted_sample", "combine": "gene_only", "preset": "uce",
+                                    "tokenizer": "learned/zero/uce"}
 
 
 # -- expression encoders and combine ----------------------------------------------------------
@@ -258,7 +260,7 @@ def test_combine_rules_and_expression_encoders(cells6):
             if combine == "sum":
                 torch.testing.assert_close(out, genes + expression)
             else:
-                torch.testing.assert_close(out, embedder.project(torch.cat([genes, expression], -1)))
+                torch.testing.assert_close(out, embedder.combine.project(torch.cat([genes, expression], -1)))
     tokenizer, s = tokenize(cells6, fc(combine="gene_only"))
     torch.testing.assert_close(tokenizer.embedder(s), tokenizer.embedder.genes(s.gene_tokens))
     # linear is w*x + b at gene tokens and nothing at special tokens
@@ -302,11 +304,11 @@ def test_every_preset_loads_and_builds(cells6):
         fe = "zero" if cfg.combine.name == "gene_only" else "bin_scbert" if name == "scbert" else "bin_scgpt"
         tokenizer = build_tokenizer(load_component("fg", "learned"), load_component("fe", fe), cfg, cells6, 8, 1)
         assert tokenizer.describe()["preset"] == name
-        assert set(tokenizer.describe()) == {"fg", "fe", "fc", "order", "select", "combine", "preset"}
+        assert set(tokenizer.describe()) == {"fg", "fe", "fc", "order", "select", "combine", "preset", "tokenizer"}
     assert load_component("fc", "geneformer").select.size == 2048
     assert load_component("fc", "scgpt").select.size == 1199  # + CLS = scGPT's max_len 1200
-    assert load_component("fe", "bin_scgpt").n_bins == 51
-    assert load_component("fe", "bin_scbert").n_bins == 5
+    assert registry.parse("fe", load_component("fe", "bin_scgpt"))[1].n_bins == 51
+    assert registry.parse("fe", load_component("fe", "bin_scbert"))[1].n_bins == 5
     assert load_component("fc", "geneformer").order.normalize_by_median
     assert not load_component("fc", "log_expression").order.normalize_by_median
 
@@ -322,15 +324,15 @@ def test_overrides_merge_into_presets(cells6):
 @pytest.mark.parametrize(
     ("fg", "fe", "fc_cfg", "message"),
     [
-        ({}, {"name": "bogus"}, {}, r"fe.name='bogus' is not a known fe; valid: autobin, bin_scbert"),
-        ({}, {}, {"order": {"name": "sorted"}}, r"valid: chromosome, expression, gene_index, none, random"),
-        ({}, {"name": "linear", "n_bins": 5}, {}, r"fe 'linear' does not take 'n_bins'.*no parameters"),
+        ({}, {"name": "bogus"}, {}, r"fe.name='bogus': no such expression encoder \(Fe\); valid: zero, linear, mlp, bin_scbert"),
+        ({}, {}, {"order": {"name": "sorted"}}, r"valid: expression, random, gene_index, none, chromosome"),
+        ({}, {"name": "linear", "n_bins": 5}, {}, r"fe: 'linear' does not take 'n_bins'.*no parameters"),
         ({}, {}, {"select": {"name": "sample", "resample": False}}, r"'sample' does not take 'resample'.*: size"),
-        ({}, {}, {"max_length": 5}, r"max_length.*valid keys here: combine, name, order, select"),
+        ({}, {}, {"max_length": 5}, r"max_length.*valid keys here: name, order, select, combine"),
         ({}, {}, {"select": {"size": 0}}, r"fc.select.size must be >= 1"),
         ({}, {}, {"select": {"name": "weighted_sample", "size": -3}}, r"size must be >= 1"),
         ({}, {"name": "linear"}, {"combine": {"name": "gene_only"}}, r"gene_only ignores the expression encoder"),
-        ({"name": "learned", "pca": True}, {}, {}, r"fg 'learned' does not take 'pca'"),
+        ({"name": "learned", "pca": True}, {}, {}, r"fg: 'learned' does not take 'pca'"),
         ({"name": "pretrained"}, {}, {}, r"needs fg.path"),
         ({}, {"name": "bin_scgpt", "n_bins": 2}, {}, r"n_bins must be >= 3"),
     ],
@@ -343,7 +345,7 @@ def test_bad_configs_are_refused_with_the_valid_choices(cells6, fg, fe, fc_cfg, 
 def test_unknown_presets_are_refused_with_the_list():
     with pytest.raises(TokbenchError, match="unknown fc preset 'geneformr'; valid: geneformer, geneformer_random"):
         load_component("fc", "geneformr")
-    with pytest.raises(TokbenchError, match="unknown tokenizer part 'fx'; valid: fc, fe, fg"):
+    with pytest.raises(TokbenchError, match="unknown tokenizer part 'fx'; valid: fg, fe, fc"):
         load_component("fx", "zero")
     with pytest.raises(TokbenchError, match="needs fg.path"):
         build_tokenizer(load_component("fg", "pretrained"), FeConfig(), FcConfig(), make_prepared(MATRIX), 8, 0)

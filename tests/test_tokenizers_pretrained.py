@@ -80,7 +80,7 @@ FORMATS = ["torch", "text", "text_noheader", "csv", "tsv_gz", "parquet", "parque
 @pytest.mark.parametrize("kind", FORMATS)
 def test_every_format_maps_symbols_and_ensembl_ids(tmp_path, genes8, kind, caplog):
     with caplog.at_level(logging.INFO, logger="tokbench.tokenizers.gene_vectors"):
-        with caplog.at_level(logging.INFO, logger="tokbench.tokenizers.tokenizer"):
+        with caplog.at_level(logging.INFO, logger="tokbench.tokenizers.parts"):
             tokenizer = pretrained(genes8, **write(tmp_path, kind))
     assert "6 of 8 dataset genes mapped (75.0%)" in caplog.text
     assert tokenizer.genes_mapped == 6 and tokenizer.genes_total == 8
@@ -162,7 +162,7 @@ def test_bad_files_are_refused_before_training(tmp_path, genes8):
     (tmp_path / "genes.bin").write_bytes(b"")
     with pytest.raises(TokbenchError, match="set fg.format to one of"):
         pretrained(genes8, path=str(tmp_path / "genes.bin"))
-    with pytest.raises(TokbenchError, match="fg.missing='keep' is not a policy"):
+    with pytest.raises(TokbenchError, match="fg.missing='keep' is not valid; valid: drop, learn"):
         pretrained(genes8, missing="keep", **write(tmp_path, "torch"))
 
 

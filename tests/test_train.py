@@ -43,7 +43,7 @@ def test_presets_train_and_land_in_mlflow(tiny_atlas, tmp_path, preset, extra, e
     client, run = only_run(tmp_path)
     assert run.info.status == "FINISHED"
     tags = run.data.tags
-    assert tags["fc"] == preset and tags["preset"] == preset
+    assert tags["fc"] == preset and tags["preset"] == "custom"  # fc.select.size=48: not the preset itself
     for key, value in expected.items():
         assert tags[key] == value
     assert tags["dataset"] == "synthetic_atlas" and tags["split"] == "cross_tissue:blood+lung+gut->brain"
@@ -173,3 +173,16 @@ def test_cli_prints_one_line_errors(tmp_path, capsys):
     assert main(["train", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and "nope.yaml: no such file" in err
+
+
+def test_a_bad_configuration_prints_one_line_and_no_progress_bar(tiny_atlas, tmp_path, capsys):
+    # Found while the data is prepared, after the config loaded and the MLflow run opened:
+    # the progress bar (on, as a user gets it) must not have been drawn yet.
+    overrides = tiny_overrides(tiny_atlas, tmp_path) + ["split.train=[blood]", "split.test=[brain]",
+                                                        "dataset.label_key=tissue"]
+    assert main(["train", "cross_tissue", *overrides]) == 2
+    captured = capsys.readouterr()
+    # MLflow's own logger notes that it created the new store's tables; everything else is ours.
+    ours = [line for line in captured.err.splitlines() if " INFO mlflow." not in line]
+    assert len(ours) == 1 and ours[0].startswith("error: ") and "single cell type ('blood')" in ours[0]
+    assert "cell/s" not in captured.err + captured.out and "0cell" not in captured.err + captured.out

@@ -38,6 +38,44 @@ def degenerate_warning(splits: list[str], runner, best: dict, result: dict) -> s
     )
 
 
+class ProgressBar:
+    """The cells-per-epoch bar of ``tokbench train``, drawn from the first batch on.
+
+    Created lazily: a tqdm bar draws itself when made, so one made before the data and the
+    tokenizer are checked would leave an empty ``0cell [00:00, ?cell/s]`` line above the
+    error of a run that never started.
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._bar: tqdm | None = None
+
+    def update(self, done: int, total: int, rate: float) -> None:
+        """Show ``done`` of ``total`` cells of this epoch at ``rate`` cells per second."""
+        if not self.enabled:
+            return
+        if self._bar is None:
+            self._bar = tqdm(total=total, unit="cell", dynamic_ncols=True, leave=False)
+        elif self._bar.total != total:
+            self._bar.reset(total=total)
+        self._bar.n = done
+        self._bar.set_postfix_str(f"{rate:,.0f} cells/s", refresh=False)
+        self._bar.refresh()
+
+    def write(self, line: str) -> None:
+        """Print ``line`` above the bar (or alone, before the first batch or without a bar)."""
+        if self._bar is None:
+            print(line)
+        else:
+            self._bar.write(line)
+
+    def close(self) -> None:
+        """Clear the bar from the terminal; a later batch draws a new one."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
 def train(experiment: str, overrides: Sequence[str] = (), *, resume: str | None = None, progress: bool = True) -> dict:
     """Run one experiment; return its test result. Errors in the config, data or tracking
     URI surface as :class:`TokbenchError` before any training."""
@@ -60,16 +98,8 @@ def train(experiment: str, overrides: Sequence[str] = (), *, resume: str | None 
     with logger if logger else nullcontext():
         if logger:
             start_run(logger, cfg)
-        bar = tqdm(total=0, unit="cell", disable=not progress, dynamic_ncols=True, leave=False)
-
-        def on_batch(done: int, total: int, rate: float) -> None:
-            if bar.total != total:
-                bar.reset(total=total)
-            bar.n = done
-            bar.set_postfix_str(f"{rate:,.0f} cells/s", refresh=False)
-            bar.refresh()
-
-        runner = build_runner(cfg, run_dir, on_batch=on_batch)
+        bar = ProgressBar(enabled=progress)
+        runner = build_runner(cfg, run_dir, on_batch=bar.update)
         if logger:
             run_dir.joinpath(RUN_ID_FILE).write_text(logger.run_id)
         if resume and (run_dir / "trainer.pt").exists():
@@ -88,8 +118,10 @@ def train(experiment: str, overrides: Sequence[str] = (), *, resume: str | None 
                    if "C" in metrics else "")
             )
 
-        history = runner.fit(on_epoch=on_epoch)
-        bar.close()
+        try:
+            history = runner.fit(on_epoch=on_epoch)
+        finally:
+            bar.close()
         result = runner.test()
         best = history[result["best_epoch"] - 1]
         degenerate = degenerate_splits({**best, **result})

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tokbench.fileio import atomic_path
+
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 
@@ -154,8 +156,7 @@ def _store(path: Path | None, array: np.ndarray) -> None:
     if path is None:
         return
     try:
-        tmp = path.with_suffix(f".tmp{np.random.randint(1 << 30)}.npy")
-        np.save(tmp, array)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            np.save(tmp, array)
     except OSError:
         pass

@@ -1,6 +1,7 @@
 """``tokbench report``: the tokenizer comparison page of a sweep or an MLflow experiment.
 
-``collect`` reads runs from MLflow into tables, ``stats`` aggregates them (the one
+``collect`` reads runs into tables through ``tokbench.tracking.reading`` (the report
+itself never imports MLflow), ``stats`` aggregates them (the one
 leaderboard, which ``tokbench sweep`` prints too; main effects; comparisons with bootstrap
 intervals, paired t-tests and seeds needed for power), ``figures`` draws them, ``page``
 renders the self-contained HTML from ``dashboards/`` and ``watch`` rebuilds it while a sweep

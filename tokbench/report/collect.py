@@ -1,34 +1,29 @@
 """MLflow runs → tidy tables: one row per trial, one row per (trial, epoch), and the sweep
 (parent) runs with their sweep file.
 
-Reads through ``MlflowClient`` only, so any tracking backend works (a SQLite file or an
-``mlflow server``). A metric a run lacks is NaN here and stays NaN downstream: the page
-shows it as "missing", never as 0.
+Reads through ``tokbench.tracking.reading`` (runs as plain ``RunRecord``s): this module
+never touches MLflow itself, and any tracking backend works. A metric a run lacks is NaN
+here and stays NaN downstream: the page shows it as "missing", never as 0.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 
 from tokbench.errors import TokbenchError
-from tokbench.tracking.mlflow_runs import resolve_tracking_uri
+from tokbench.tracking.reading import RunRecord, TrackingReader, open_tracking, quick_http
 
 # The tokenizer parts every trial row carries (tags written by tokbench.tracking.record).
 FACTORS = ("fg", "fe", "fc", "order", "select", "combine")
 # A finished trial: ran to its end (max_epochs or early stopping) or was stopped by ASHA.
 FINISHED_STATES = ("completed", "stopped_early")
-# How long one tracking request may take while reading a report, in seconds.
-HTTP_TIMEOUT_S = 20
 
 TRIAL_COLUMNS = [
     "run_id", "run_name", "sweep_id", "trial_id", "tokenizer", "baseline", *FACTORS, "method",
@@ -59,97 +54,34 @@ class RunSet:
     trials: pd.DataFrame
     curves: pd.DataFrame
     sweeps: list[SweepRun] = field(default_factory=list)
-    client: object = None
+    reader: Optional[TrackingReader] = None
 
 
-def open_tracking(uri: str | None):
-    """``(absolute tracking URI, MlflowClient)`` for reading; refuses, naming the URI, a
-    SQLite file that does not exist (MLflow would create an empty one) and an HTTP server
-    that does not answer (probed with a 5 s request instead of MLflow's minutes of retries)."""
-    from mlflow.tracking import MlflowClient
-
-    if uri and uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
-        resolved = f"sqlite:///{path if path.is_absolute() else Path.cwd() / path}"
-    else:
-        resolved = resolve_tracking_uri(uri)
-    if resolved.startswith("sqlite:///"):
-        path = Path(resolved[len("sqlite:///"):])
-        if not path.is_file():
-            raise TokbenchError(
-                f"tracking URI {resolved}: no MLflow database at {path}; pass --tracking-uri of the store "
-                f"the sweep wrote to (its sweep file's tracking.uri; when empty, the MLFLOW_TRACKING_URI it ran with, "
-                f"else sqlite:///<dir it ran in>/mlflow.db)"
-            )
-    return resolved, MlflowClient(tracking_uri=resolved)
-
-
-@contextlib.contextmanager
-def quick_http() -> Iterator[None]:
-    """Bound MLflow's HTTP retries and timeout while the report reads, so a server that goes
-    away mid-read fails in seconds, and silence its download progress bars; settings the
-    user made win, and the environment is restored afterwards."""
-    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(HTTP_TIMEOUT_S),
-              "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-    saved = {k: os.environ.get(k) for k in wanted}
-    for key, value in wanted.items():
-        os.environ.setdefault(key, value)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _search_all(client, experiment_ids: list[str], filter_string: str = "") -> list:
-    """Every run matching ``filter_string``, following MLflow's result pages."""
-    runs, token = [], None
-    while True:
-        page = client.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def _experiments(client) -> list:
-    found, token = [], None
-    while True:
-        page = client.search_experiments(max_results=1000, page_token=token)
-        found.extend(page)
-        token = page.token
-        if not token:
-            return found
-
-
-def find_runs(client, uri: str, *, sweep_id: str | None = None, experiment: str | None = None) -> tuple[str, list]:
+def find_runs(reader: TrackingReader, *, sweep_id: str | None = None,
+              experiment: str | None = None) -> tuple[str, list[RunRecord]]:
     """``(title, runs)`` of one sweep (every experiment searched for its ``sweep_id`` tag) or
     of one experiment; an unknown name fails with the names that do exist."""
     if bool(sweep_id) == bool(experiment):
         raise TokbenchError("report: pass exactly one of --sweep SWEEP_ID or --experiment NAME")
     if experiment:
-        found = client.get_experiment_by_name(experiment)
-        if found is None:
-            names = sorted(e.name for e in _experiments(client))
+        experiment_id = reader.experiment_id(experiment)
+        if experiment_id is None:
+            names = reader.experiment_names()
             raise TokbenchError(
-                f"no MLflow experiment {experiment!r} at {uri}; experiments there: {', '.join(names) or 'none'}"
+                f"no MLflow experiment {experiment!r} at {reader.uri}; experiments there: {', '.join(names) or 'none'}"
             )
-        return f"experiment {experiment}", _search_all(client, [found.experiment_id])
+        return f"experiment {experiment}", reader.search_runs([experiment_id])
     if "'" in sweep_id:
         raise TokbenchError(f"--sweep {sweep_id!r}: a sweep id has no quote characters")
-    ids = [e.experiment_id for e in _experiments(client)]
-    runs = _search_all(client, ids, f"tags.sweep_id = '{sweep_id}'") if ids else []
+    runs = reader.search_runs(tags={"sweep_id": sweep_id})
     if not runs:
-        known = sorted({r.data.tags["sweep_id"] for r in _search_all(client, ids, "tags.`tokbench.kind` = 'sweep'")}) if ids else []
-        raise TokbenchError(f"no sweep {sweep_id!r} at {uri}; sweeps there: {', '.join(known) or 'none'}")
+        known = sorted({r.tags["sweep_id"] for r in reader.search_runs(tags={"tokbench.kind": "sweep"})})
+        raise TokbenchError(f"no sweep {sweep_id!r} at {reader.uri}; sweeps there: {', '.join(known) or 'none'}")
     return f"sweep {sweep_id}", runs
 
 
-def _is_sweep_run(run) -> bool:
-    return run.data.tags.get("tokbench.kind") == "sweep"
+def _is_sweep_run(run: RunRecord) -> bool:
+    return run.tags.get("tokbench.kind") == "sweep"
 
 
 def _float(value) -> float:
@@ -164,45 +96,44 @@ def _int_or_none(value) -> Optional[int]:
     return None if math.isnan(number) else int(number)
 
 
-def _history(client, run_id: str, key: str) -> pd.Series:
+def _history(reader: TrackingReader, run_id: str, key: str) -> pd.Series:
     """The metric's values by step (epoch); the last value logged wins for a repeated step."""
-    points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
-    return pd.Series({m.step: m.value for m in points}, dtype=float)
+    return pd.Series(reader.metric_history(run_id, key), dtype=float)
 
 
-def _end_state(run) -> str:
-    tag = run.data.tags.get("end_state")
+def _end_state(run: RunRecord) -> str:
+    tag = run.tags.get("end_state")
     if tag and tag != "running":
         return tag
     return {"FAILED": "failed", "KILLED": "failed", "RUNNING": "running", "SCHEDULED": "running"}.get(
-        run.info.status, tag or "completed")
+        run.status, tag or "completed")
 
 
-def trial_row(run, val_mcc: pd.Series, epoch_seconds: pd.Series, now_ms: int) -> dict:
+def trial_row(run: RunRecord, val_mcc: pd.Series, epoch_seconds: pd.Series, now_ms: int) -> dict:
     """One trial as a flat row. Test scores are the best-validation-weights scores
     (``final_test_*`` of a sweep trial, else ``test_*`` of a ``tokbench train`` run); the best
     validation MCC is the maximum of the run's per-epoch ``val_mcc``; seconds are the sum of
     ``epoch_seconds`` (training) and the run's wall-clock life (start to end, or to now)."""
-    tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
+    tags, metrics, params = run.tags, run.metrics, run.params
     method = tags.get("method") or params.get("method", "")
     baseline = method == "logreg" or tags.get("fg") == "-"
     end_state = _end_state(run)
-    end_ms = run.info.end_time or now_ms
+    end_ms = run.end_time or now_ms
     return {
-        "run_id": run.info.run_id,
-        "run_name": run.info.run_name,
+        "run_id": run.run_id,
+        "run_name": run.run_name,
         "sweep_id": tags.get("sweep_id", ""),
         "trial_id": tags.get("trial_id", ""),
-        "tokenizer": tags.get("combination") or tags.get("tokenizer") or run.info.run_name,
+        "tokenizer": tags.get("combination") or tags.get("tokenizer") or run.run_name,
         "baseline": baseline,
         **{part: tags.get(part, "") for part in FACTORS},
         "method": method,
         "dataset": tags.get("dataset", ""),
         "split": tags.get("split", ""),
         "seed": _int_or_none(tags.get("seed", params.get("seed"))),
-        "status": run.info.status,
+        "status": run.status,
         "end_state": end_state,
-        "finished": run.info.status == "FINISHED" and end_state in FINISHED_STATES,
+        "finished": run.status == "FINISHED" and end_state in FINISHED_STATES,
         "epochs_run": _int_or_none(tags.get("epochs_run")) if "epochs_run" in tags else len(val_mcc),
         "max_epochs": _int_or_none(params.get("baseline.max_epochs" if baseline else "trainer.max_epochs")),
         "stopped_at_epoch": _int_or_none(tags.get("stopped_at_epoch")),
@@ -214,30 +145,16 @@ def trial_row(run, val_mcc: pd.Series, epoch_seconds: pd.Series, now_ms: int) ->
         "degenerate": tags.get("degenerate") or None,
         "test_predicted_classes": _float(metrics.get("test_predicted_classes")),
         "train_seconds": float(epoch_seconds.sum()) if len(epoch_seconds) else math.nan,
-        "wall_seconds": (end_ms - run.info.start_time) / 1000 if run.info.start_time else math.nan,
+        "wall_seconds": (end_ms - run.start_time) / 1000 if run.start_time else math.nan,
     }
 
 
-def _read_artifact(client, run_id: str, name: str) -> Optional[str]:
-    """The text of a run's top-level artifact, or None when the run has none by that name."""
-    if name not in {a.path for a in client.list_artifacts(run_id)}:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        return Path(client.download_artifacts(run_id, name, tmp)).read_text()
-
-
-def sweep_runs(client, runs: list) -> list[SweepRun]:
+def sweep_runs(reader: TrackingReader, runs: list[RunRecord]) -> list[SweepRun]:
     """The sweep (parent) runs among ``runs``, oldest first, with their ``sweep.yaml``."""
-    parents = sorted((r for r in runs if _is_sweep_run(r)), key=lambda r: r.info.start_time or 0)
-    names = {}
-    out = []
-    for run in parents:
-        exp_id = run.info.experiment_id
-        if exp_id not in names:
-            names[exp_id] = client.get_experiment(exp_id).name
-        out.append(SweepRun(run.data.tags.get("sweep_id", run.info.run_name), run.info.run_id, run.info.status,
-                            names[exp_id], _read_artifact(client, run.info.run_id, "sweep.yaml")))
-    return out
+    parents = sorted((r for r in runs if _is_sweep_run(r)), key=lambda r: r.start_time or 0)
+    return [SweepRun(run.tags.get("sweep_id", run.run_name), run.run_id, run.status,
+                     reader.experiment_name(run.experiment_id), reader.read_artifact_text(run.run_id, "sweep.yaml"))
+            for run in parents]
 
 
 def load_runs(tracking_uri: str | None, *, sweep_id: str | None = None, experiment: str | None = None,
@@ -246,40 +163,39 @@ def load_runs(tracking_uri: str | None, *, sweep_id: str | None = None, experime
     ``tokbench train`` runs), their validation-MCC curves, and the sweep runs."""
     now_ms = now_ms or int(time.time() * 1000)
     with quick_http():
-        uri, client = open_tracking(tracking_uri)
-        title, runs = find_runs(client, uri, sweep_id=sweep_id, experiment=experiment)
+        reader = open_tracking(tracking_uri)
+        title, runs = find_runs(reader, sweep_id=sweep_id, experiment=experiment)
         rows, curves = [], []
         for run in runs:
             if _is_sweep_run(run):
                 continue
-            val_mcc = _history(client, run.info.run_id, "val_mcc")
-            row = trial_row(run, val_mcc, _history(client, run.info.run_id, "epoch_seconds"), now_ms)
+            val_mcc = _history(reader, run.run_id, "val_mcc")
+            row = trial_row(run, val_mcc, _history(reader, run.run_id, "epoch_seconds"), now_ms)
             rows.append(row)
             curves.extend(
                 {"run_id": row["run_id"], "tokenizer": row["tokenizer"], "seed": row["seed"],
                  "end_state": row["end_state"], "epoch": int(step), "val_mcc": value}
                 for step, value in val_mcc.items()
             )
-        sweeps = sweep_runs(client, runs)
+        sweeps = sweep_runs(reader, runs)
     trials = pd.DataFrame(rows, columns=TRIAL_COLUMNS)
     # Whole numbers stay whole (seed 0, not 0.0) even where one run lacks them.
     trials = trials.astype({c: "Int64" for c in ("seed", "epochs_run", "max_epochs", "stopped_at_epoch")})
     trials = trials.sort_values(["tokenizer", "seed", "run_id"], na_position="last").reset_index(drop=True)
-    return RunSet(title, uri, trials, pd.DataFrame(curves, columns=CURVE_COLUMNS), sweeps, client)
+    return RunSet(title, reader.uri, trials, pd.DataFrame(curves, columns=CURVE_COLUMNS), sweeps, reader)
 
 
-def confusion_tables(client, run_id: str) -> tuple[Optional[pd.DataFrame], Optional[pd.DataFrame]]:
+def confusion_tables(reader: TrackingReader, run_id: str) -> tuple[Optional[pd.DataFrame], Optional[pd.DataFrame]]:
     """The trial's test confusion matrix (rows true, columns predicted, cell-type names as
     labels) and per-class table (cell_type, cells, correct, accuracy), from the files
     ``write_confusion_report`` logged; None for each file the run lacks."""
     with quick_http():
-        present = {a.path for a in client.list_artifacts(run_id)}
+        present = reader.artifact_names(run_id)
         out = []
         with tempfile.TemporaryDirectory() as tmp:
             for name, index_col in (("test_confusion_matrix.csv", 0), ("test_per_class.csv", None)):
                 if name not in present:
                     out.append(None)
                     continue
-                path = client.download_artifacts(run_id, name, tmp)
-                out.append(pd.read_csv(path, index_col=index_col))
+                out.append(pd.read_csv(reader.download_artifact(run_id, name, tmp), index_col=index_col))
     return out[0], out[1]

@@ -22,7 +22,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from tokbench.fileio import atomic_path, write_atomic
 from tokbench.report.stats import EFFECT_FACTORS
+from tokbench.training.metrics import draw_confusion_matrix
 
 # Colours: tokenizers blue, the logistic-regression baseline grey, ASHA stops red.
 TOKENIZER_COLOUR = "#3a6ea5"
@@ -258,24 +260,11 @@ def draw_confusion(t: ReportTables) -> Drawn:
         return f"Run {t.best_trial['run_id']} has no test_confusion_matrix.csv artifact."
     counts = t.confusion.to_numpy(dtype=float)
     names = [str(n) for n in t.confusion.index]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        shown = counts / counts.sum(axis=1, keepdims=True)
     n = len(names)
     side = max(3.5, 0.42 * n + 2.0)
     fig = new_figure(side + 3.6, side)
     matrix_ax, bar_ax = fig.subplots(1, 2, width_ratios=[side, 2.4])
-    image = matrix_ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=1.0)
-    matrix_ax.set_xticks(range(n), labels=names, rotation=90, fontsize=8)
-    matrix_ax.set_yticks(range(n), labels=names, fontsize=8)
-    matrix_ax.set_xlabel("predicted cell type")
-    matrix_ax.set_ylabel("true cell type")
-    if n <= 25:
-        for i in range(n):
-            for j in range(n):
-                if counts[i, j]:
-                    matrix_ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=7,
-                                   color="white" if shown[i, j] > 0.5 else "black")
-    fig.colorbar(image, ax=matrix_ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    draw_confusion_matrix(matrix_ax, counts, names, normalize=True)
     if t.per_class is not None:
         per_class = t.per_class.set_index("cell_type").reindex(names)
         accuracy = per_class["accuracy"].astype(float).to_numpy()
@@ -319,11 +308,12 @@ def save_figure(fig: Figure, figure_id: str, out_dir: Path) -> str:
     """Write ``<figure_id>.png`` and ``<figure_id>.svg`` into ``out_dir``; return the SVG
     markup to inline in the page, its ids scoped to the figure. The SVG carries no date, so
     rebuilding an unchanged report gives identical files."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_dir / f"{figure_id}.png", dpi=PNG_DPI)
+    # Atomic: a browser reloading the page while the report is rebuilt reads whole files.
+    with atomic_path(out_dir / f"{figure_id}.png") as tmp:
+        fig.savefig(tmp, dpi=PNG_DPI)
     buffer = io.StringIO()
     with matplotlib.rc_context({"svg.hashsalt": figure_id, "svg.fonttype": "path"}):
         fig.savefig(buffer, format="svg", metadata={"Date": None})
     svg = buffer.getvalue()
-    (out_dir / f"{figure_id}.svg").write_text(svg)
+    write_atomic(out_dir / f"{figure_id}.svg", svg)
     return scope_svg_ids(svg[svg.index("<svg"):], figure_id)

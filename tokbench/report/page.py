@@ -15,9 +15,7 @@ import datetime as dt
 import logging
 import math
 import numbers
-import os
 import platform
-import uuid
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -28,8 +26,10 @@ import pandas as pd
 import yaml
 
 from tokbench.errors import TokbenchError
+from tokbench.fileio import write_atomic
 from tokbench.report import collect, stats
 from tokbench.report.figures import DRAW, ReportTables, save_figure
+from tokbench.tracking.reading import publish_folder
 
 log = logging.getLogger("tokbench.report")
 
@@ -92,8 +92,8 @@ def build_tables(runs: collect.RunSet) -> ReportTables:
     best = stats.best_tokenizer(board)
     trial = stats.best_trial(runs.trials, best)
     confusion = per_class = None
-    if trial is not None and runs.client is not None:
-        confusion, per_class = collect.confusion_tables(runs.client, trial["run_id"])
+    if trial is not None and runs.reader is not None:
+        confusion, per_class = collect.confusion_tables(runs.reader, trial["run_id"])
     return ReportTables(
         trials=runs.trials,
         curves=runs.curves,
@@ -294,14 +294,6 @@ def render_page(runs: collect.RunSet, tables: ReportTables, figures: list[dict],
     )
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename, so a browser reloading the page (``--watch``)
-    never reads half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def build_report(tracking_uri: Optional[str], out_dir: str | Path, *, sweep_id: Optional[str] = None,
                  experiment: Optional[str] = None, refresh_seconds: Optional[float] = None) -> Path:
     """Read one sweep (``sweep_id``) or one experiment from MLflow and write the page, its
@@ -316,7 +308,9 @@ def build_report(tracking_uri: Optional[str], out_dir: str | Path, *, sweep_id: 
     figures = render_figures(tables, specs, out_dir / "figures")
     html = render_page(runs, tables, figures, table_files, "sweep" if sweep_id else "experiment", refresh_seconds)
     page = out_dir / "report.html"
-    _write_atomically(page, html)
+    # Atomic, so a browser reloading the page (--watch) never reads half a file; not fsynced:
+    # the page is rebuilt from MLflow at will, and a watch loop rewrites it every few seconds.
+    write_atomic(page, html, durable=False)
     return page
 
 
@@ -327,14 +321,9 @@ def publish_sweep_report(tracking_uri: str, sweep_id: str, parent_run_id: str) -
     import tempfile
 
     try:
-        from mlflow.tracking import MlflowClient
-
         with tempfile.TemporaryDirectory(prefix="tokbench-report-") as tmp:
             build_report(tracking_uri, tmp, sweep_id=sweep_id)
-            with collect.quick_http():
-                client = MlflowClient(tracking_uri=tracking_uri)
-                client.log_artifacts(parent_run_id, tmp, "report")
-                location = f"{client.get_run(parent_run_id).info.artifact_uri}/report/report.html"
+            location = f"{publish_folder(tracking_uri, parent_run_id, tmp, 'report')}/report.html"
     except Exception as exc:  # noqa: BLE001
         log.warning("sweep %s: the report page could not be written (%s); the sweep's results are intact, "
                     "build it with `tokbench report --sweep %s --tracking-uri %s`",

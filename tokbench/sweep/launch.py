@@ -14,9 +14,11 @@ from typing import Optional
 import pandas as pd
 
 from tokbench.errors import TokbenchError
+from tokbench.tokenizers.registry import PluginSource, plugin_source
 from tokbench.sweep.spec import Sweep, dry_run, load_sweep
 from tokbench.sweep.state import SweepState
 from tokbench.tracking.mlflow_runs import RunLogger, resolve_tracking_uri
+from tokbench.tracking.record import log_plugin_sources
 from tokbench.tracking.outbox import PARENT_KEY, Outbox, QueuedRun, client_env_for_outbox, open_outbox
 
 log = logging.getLogger("tokbench.sweep")
@@ -50,7 +52,14 @@ def storage_root(sweep: Sweep) -> Path:
     return root
 
 
-def _connect(address: Optional[str], cpus: Optional[int]) -> None:
+def plugin_runtime_env(sources: list[PluginSource]) -> dict:
+    """Ray's runtime environment that ships the user's modules to every worker
+    (``py_modules``: a module file or a package folder each), merged by Ray with the job's
+    own (``ray job submit --working-dir``)."""
+    return {"py_modules": [str(source.path) for source in sources]} if sources else {}
+
+
+def _connect(address: Optional[str], cpus: Optional[int], runtime_env: Optional[dict] = None) -> None:
     import ray
 
     # Results go to MLflow and to Ray's CSV/JSON logs; TensorBoard files are not wanted.
@@ -58,12 +67,17 @@ def _connect(address: Optional[str], cpus: Optional[int]) -> None:
     if address and address != "auto":
         _probe(address)
     if ray.is_initialized():
+        if runtime_env:
+            log.warning("Ray was started before the sweep, so the sweep cannot add its modules (%s) to the "
+                        "runtime environment; trials on other nodes can import them only if those nodes have them",
+                        ", ".join(runtime_env["py_modules"]))
         return
     try:
         if address:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env or None)
         else:
-            ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+            ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
+                     runtime_env=runtime_env or None)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise TokbenchError(
             f"no Ray cluster reachable at {address!r} ({str(exc).splitlines()[0]}); start one with "
@@ -183,7 +197,8 @@ def run_sweep(
     # A resumed sweep keeps logging where it started, whatever MLFLOW_TRACKING_URI says now.
     uri = state.doc["tracking_uri"] if state is not None else resolve_tracking_uri(sweep.spec.tracking.uri)
 
-    _connect(address, num_cpus)
+    sources = [src for src in map(plugin_source, sweep.user_modules()) if src is not None]
+    _connect(address, num_cpus, plugin_runtime_env(sources))
     _check_resources(sweep, address)
 
     client_env_for_outbox()
@@ -204,6 +219,9 @@ def run_sweep(
                            "scheduler": sweep.spec.scheduler.name, "search": sweep.spec.search.algorithm})
         _log_text(parent, "sweep.yaml", sweep.text)
         _log_text(parent, "trials.txt", dry_run(sweep))
+        if sources:
+            parent.set_tags({f"plugin.{src.module}": src.sha256 for src in sources})
+            log_plugin_sources(parent, sources)
     else:
         # Whatever a killed driver left queued is written from now on, while the sweep goes on.
         outbox = open_outbox(exp_dir, uri).start()

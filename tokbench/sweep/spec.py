@@ -3,6 +3,9 @@
 A sweep file (``search_spaces/*.yaml``)::
 
     name: demo                       # the sweep's name (Ray experiment directory, MLflow parent run)
+    plugins: [my_tokenizers.py]      # the user's modules (files relative to this one, or module
+                                     # names); their components join the catalogue, and they
+                                     # reach every node through Ray's runtime environment
     base:                            # every trial starts from this experiment
       experiment: cross_tissue       # built-in name, or a path relative to the sweep file
       overrides: [trainer.max_epochs=8, model.d_model=64]
@@ -53,8 +56,10 @@ from tokbench.training.experiment import (
     compose,
     experiment_path,
     finalize,
+    import_plugins,
     read_yaml_mapping,
     tokenizer_tags,
+    user_modules,
 )
 
 SAMPLERS = ("loguniform", "uniform", "choice", "randint")
@@ -106,6 +111,7 @@ class TrackingSpec:
 class SweepSpec:
     name: str = "sweep"
     description: str = ""
+    plugins: list[str] = field(default_factory=list)
     base: BaseSpec = field(default_factory=BaseSpec)
     grid: GridSpec = field(default_factory=GridSpec)
     combinations: list[Any] = field(default_factory=list)
@@ -160,6 +166,14 @@ class Sweep:
         """The resolved, validated experiment config of one trial."""
         where = f"{self.path}: trial {self.combinations[trial['combination']]['label']} seed {trial['seed']}"
         return finalize(compose(copy.deepcopy(self.base), self.trial_overrides(trial), where), where)
+
+    def user_modules(self) -> list[str]:
+        """Top-level modules of the user's code that some trial needs (plugins, ``module:Class``)."""
+        out: list[str] = []
+        for i in range(len(self.combinations)):
+            cfg = self.trial_config({"combination": i, "seed": self.spec.seeds[0], "params": {}})
+            out += [m for m in user_modules(cfg) if m not in out]
+        return out
 
     @property
     def experiment_name(self) -> str:
@@ -217,16 +231,33 @@ def _combination(entry: Any, index: int, path: Path) -> dict:
         raise TokbenchError(
             f"{path}: combinations[{index}]: unknown key(s) {sorted(unknown)}; valid: fg, fe, fc, method, overrides, label"
         )
-    overrides = [f"{part}={entry[part]}" for part in TOKENIZER_PARTS if part in entry]
+    overrides = [f"{part}={_part_value(entry[part])}" for part in TOKENIZER_PARTS if part in entry]
     if "method" in entry:
         overrides.append(f"method={entry['method']}")
     extra = entry.get("overrides", [])
     if not isinstance(extra, list) or not all(isinstance(o, str) for o in extra):
         raise TokbenchError(f"{path}: combinations[{index}].overrides: expected a list of KEY=VALUE strings")
-    label = entry.get("label") or "/".join(str(entry[p]) for p in TOKENIZER_PARTS if p in entry) or entry.get("method", "base")
+    label = (entry.get("label") or "/".join(_part_label(entry[p]) for p in TOKENIZER_PARTS if p in entry)
+             or entry.get("method", "base"))
     overrides += extra
     return {"label": label + ("" if not extra else " " + " ".join(extra)), "overrides": overrides,
             "baseline": "method=logreg" in overrides}
+
+
+def _part_value(value: Any) -> str:
+    """A combination's part as an override value: a preset or component name, or a mapping
+    (``{name: my_tokenizers:LogBinFe, n_bins: 10}``) written as JSON, which YAML reads."""
+    return json.dumps(value) if isinstance(value, dict) else str(value)
+
+
+def _part_label(value: Any) -> str:
+    """Short label of a part: its name (a user class by its class name), then any parameters."""
+    if not isinstance(value, dict):
+        return str(value).rpartition(":")[2] if ":" in str(value) else str(value)
+    name = value.get("preset") or value.get("name") or "custom"
+    name = str(name).rpartition(":")[2]
+    params = [f"{k}={v}" for k, v in value.items() if k not in ("name", "preset") and not isinstance(v, dict)]
+    return name + (f"({','.join(params)})" if params else "")
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -258,7 +289,14 @@ def load_sweep(path: str | Path) -> Sweep:
     base_file = Path(spec.base.experiment)
     if base_file.suffix in (".yaml", ".yml") and not base_file.is_absolute():
         base_file = path.parent / base_file
-    base = read_yaml_mapping(experiment_path(str(base_file)))
+    base_path = experiment_path(str(base_file))
+    base = read_yaml_mapping(base_path)
+    # The sweep's plugins and the base experiment's, as module names: a worker on another
+    # node imports them by name from what the runtime environment ships.
+    modules = import_plugins(list(spec.plugins), path.parent, str(path))
+    if base.get("plugins"):
+        modules += import_plugins(base["plugins"], base_path.resolve().parent, str(base_path))
+    base["plugins"] = list(dict.fromkeys(modules))
     base_cfg = compose(base, list(spec.base.overrides), f"{path}: base")
 
     grid = {part: list(spec.grid[part]) for part in TOKENIZER_PARTS if spec.grid[part]}
@@ -330,6 +368,7 @@ def dry_run(sweep: Sweep) -> str:
 def _check_files(cfg: DictConfig, where: Path) -> None:
     if not Path(cfg.dataset.path).exists():
         raise TokbenchError(f"{where}: dataset.path {cfg.dataset.path}: no such file")
-    if cfg.method == "transformer" and cfg.fg.name == "pretrained" and cfg.fg.path and not Path(cfg.fg.path).exists():
+    fg_path = cfg.fg.get("path")
+    if cfg.method == "transformer" and cfg.fg.get("name") == "pretrained" and fg_path and not Path(fg_path).exists():
         raise TokbenchError(f"{where}: fg.path {cfg.fg.path}: no such file")
 

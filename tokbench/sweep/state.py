@@ -5,10 +5,10 @@ end with exactly one MLflow run per trial."""
 from __future__ import annotations
 
 import json
-import os
 import time
-import uuid
 from pathlib import Path
+
+from tokbench.fileio import write_atomic
 
 STATE_SUFFIX = ".tokbench.json"
 
@@ -47,12 +47,9 @@ class SweepState:
         return self.doc["trials"].setdefault(trial_id, {})
 
     def save(self) -> None:
-        """Write atomically (temporary file, then rename)."""
+        """Write atomically (temporary file, then rename) and durably (fsync first)."""
         started = time.monotonic()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}")
-        tmp.write_text(json.dumps(self.doc, indent=1, sort_keys=True))
-        tmp.replace(self.path)
+        write_atomic(self.path, json.dumps(self.doc, indent=1, sort_keys=True))
         self._dirty = False
         self._saved_at = time.monotonic()
         self._save_seconds = self._saved_at - started

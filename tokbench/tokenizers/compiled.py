@@ -26,12 +26,14 @@ import numpy as np
 
 from tokbench.tokenizers.base import CHROM_END, CLS, N_SPECIAL, PAD
 
-ORDER_CODES = {"expression": 0, "random": 1, "gene_index": 2, "none": 3, "chromosome": 4}
+# Order codes (``Order.kernel_code``): the built-in orders, and GIVEN, ranks computed by the
+# caller (an order of the user's). Select codes (``Select.kernel_code``): truncate, uniform
+# sample, keep the smallest given keys (Efraimidis-Spirakis keys, or a user's selection),
+# weighted draws with replacement.
+EXPRESSION, GIVEN = 0, 5
+_EXPRESSION, _RANDOM, _GENE_INDEX, _NONE, _CHROMOSOME, _GIVEN = 0, 1, 2, 3, 4, GIVEN
+_SAMPLE, _WEIGHTED, _RESAMPLE = 1, 2, 3
 BIN_CODES = {None: 0, "scbert": 1, "scgpt": 2}
-SELECT_CODES = {"truncate": 0, "sample": 1, "weighted_sample": 2}  # weighted: without replacement
-RESAMPLE = 3  # weighted_sample with replacement
-_EXPRESSION, _RANDOM, _GENE_INDEX, _NONE, _CHROMOSOME = 0, 1, 2, 3, 4
-_SAMPLE, _WEIGHTED, _RESAMPLE = 1, 2, RESAMPLE
 _RANK_BITS = 24  # genomic rank bits of a chromosome-order rank, as in the array path
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -266,6 +268,9 @@ def fill_sentences(
             elif order == _GENE_INDEX:
                 for i in range(listed):
                     rank[i] = np.int64(indices[start + item[i]])
+            elif order == _GIVEN:
+                for i in range(listed):
+                    rank[i] = order_bits[start + item[i]]
             else:
                 for i in range(listed):
                     gene = indices[start + item[i]]

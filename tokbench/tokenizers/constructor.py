@@ -61,12 +61,23 @@ import torch
 
 from tokbench.data.genes import chromosome_rank
 from tokbench.errors import TokbenchError
-from tokbench.tokenizers import compiled, kernels
+from tokbench.tokenizers import compiled, kernels, registry
 from tokbench.tokenizers.base import CHROM_END, CLS, N_SPECIAL, PAD, CellSentences
 from tokbench.tokenizers.binning import scbert_bins, scbert_edges, scgpt_bins
+from tokbench.tokenizers.parts import (
+    RANK_LIMIT,
+    BuiltinOrder,
+    Entries,
+    Order,
+    Panel,
+    Sample,
+    Select,
+    Truncate,
+    WeightedSample,
+)
 
 _LOW32 = 0xFFFFFFFF
-_LAST = 0x7FFFFFFF  # rank of entries that must sort after every real one (real ranks are smaller)
+_LAST = RANK_LIMIT  # rank of entries that must sort after every real one (real ranks are smaller)
 _RANDOM_BITS = 30  # random ranks stay below _LAST
 _RANK_BITS = 24  # bits of the genomic rank inside a chromosome-order key
 
@@ -132,12 +143,12 @@ class SentenceBuilder:
     def __init__(
         self,
         *,
-        order: str,
-        select: str,
-        size: int,
+        order: Order | str,
+        select: Select | str,
         n_genes: int,
         seed: int,
-        resample: bool = True,
+        size: int | None = None,
+        resample: bool | None = None,
         gene_median: np.ndarray | None = None,
         count_scale: np.ndarray | None = None,
         total_scale: np.ndarray | None = None,
@@ -149,14 +160,25 @@ class SentenceBuilder:
         ``count_scale`` (per dataset cell: ``library_size / target_sum``) turns stored values
         back into raw counts for UCE's weights and Geneformer's key; ``total_scale`` (per
         cell: ``target_sum / total_counts``) is Geneformer's normalisation by the whole cell.
-        ``bins``: ``("scbert", cap)`` or ``("scgpt", B)``."""
-        if order == "chromosome" and layout is None:
-            raise ValueError("chromosome order needs a ChromosomeLayout")
-        if select == "panel" and order != "gene_index":
+        ``bins``: ``("scbert", cap)`` or ``("scgpt", B)``.
+
+        ``order`` and ``select`` are components (:mod:`parts`), or registered names with
+        default parameters besides ``size`` and ``resample`` (for tests and benchmarks)."""
+        if isinstance(order, str):
+            order = registry.build("order", {"name": order})
+        if isinstance(select, str):
+            section = {"name": select, "size": size}
+            if select == "weighted_sample":
+                section["resample"] = resample
+            select = registry.build("select", section)
+        if order.needs_layout and layout is None:
+            raise ValueError(f"order {order.label()} needs a ChromosomeLayout")
+        if isinstance(select, Panel) and order.label() != "gene_index":
             raise ValueError("select 'panel' lists the genes in gene-index order")
-        self.order, self.select, self.size, self.resample = order, select, int(size), bool(resample)
+        self.order, self.select, self.size = order, select, select.size
+        self.resample = isinstance(select, WeightedSample) and bool(select.params.resample)
         self.n_genes, self.seed, self.layout, self.bins = n_genes, int(seed), layout, bins
-        if order == "chromosome" and not layout.placed.all():
+        if order.needs_layout and not layout.placed.all():
             # genes without a chromosome never enter (UCE drops genes missing from its chromosome file)
             gene_keep = layout.placed if gene_keep is None else np.asarray(gene_keep, dtype=bool) & layout.placed
         keep = np.ones(n_genes, dtype=bool) if gene_keep is None else np.asarray(gene_keep, dtype=bool)
@@ -181,9 +203,9 @@ class SentenceBuilder:
     @property
     def max_length(self) -> int:
         """Longest sentence this builder can produce: CLS + genes (+ chromosome tokens)."""
-        if self.select == "panel":
+        if isinstance(self.select, Panel):
             return 1 + len(self.panel)
-        groups = min(self.size, self.layout.n_groups) if self.order == "chromosome" else 0
+        groups = min(self.size, self.layout.n_groups) if self.layout is not None else 0
         return 1 + self.size + 2 * groups
 
     def _table(self, name: str, device: torch.device) -> torch.Tensor | None:
@@ -233,23 +255,16 @@ class SentenceBuilder:
         ``row`` (broadcastable to ``gene``) names each entry's cell; None means ``gene`` etc.
         are the batch's flat entries.
         """
-        if row is None and self.order in ("random", "chromosome"):
+        if isinstance(self.order, BuiltinOrder):
+            return self.order.batch_rank(self, batch, gene, value, entry, epoch, row)
+        if row is None:
             row = batch.row
-        if self.order == "expression":
-            key = _take(batch.expression_keys(self), entry)
-            return _LAST - key.contiguous().view(torch.int32).to(torch.int64)
-        if self.order == "random":
-            keys = self._cell_keys(kernels.STREAM_ORDER, epoch, batch.cells)
-            return kernels.top_bits(kernels.item_bits(_take(keys, row), gene), _RANDOM_BITS)
-        if self.order == "gene_index":
-            return gene
-        if self.order == "none":
-            return entry
-        # chromosome: the cell's random position of the gene's group, then the genomic rank.
-        group = self._table("group_of_gene", gene.device)[gene]
-        positions = self._group_positions(batch.cells, epoch)
-        position = _take(positions.view(-1), row * positions.shape[1] + group)
-        return position * (1 << _RANK_BITS) + self._table("genomic_rank", gene.device)[gene]
+        cell = _take(batch.cells, torch.broadcast_to(row, gene.shape))
+        return checked(self.order, "rank", self.order.rank(self._entries(gene, value, cell, epoch)), gene)
+
+    def _entries(self, gene: torch.Tensor, value: torch.Tensor, cell: torch.Tensor, epoch: int) -> Entries:
+        """What a user order or selection sees of these entries."""
+        return Entries(gene, value, cell, epoch, self.seed, lambda: self._raw_counts(value, cell))
 
     def _group_positions(self, cells: torch.Tensor, epoch: int) -> torch.Tensor:
         """(B, n_groups + 1) position of each chromosome group in each cell's order."""
@@ -277,7 +292,7 @@ class SentenceBuilder:
         ``cells`` are the global row indices (they seed the random choices); ``values`` are
         log-normalised (float32); ``indices`` are gene columns. Runs on ``device``.
         """
-        if self.select == "panel":
+        if isinstance(self.select, Panel):
             return self._build_panel(indptr, indices, values, cells, epoch, torch.device(device))
         if self._compiled_applies(device):
             return self._build_compiled(indptr, indices, values, cells, epoch)
@@ -365,17 +380,24 @@ class SentenceBuilder:
             return torch.from_numpy(indices).to(torch.int64)
 
         entry_cells = _entry_cells(indptr, cells)
-        order_values = values
-        if self.order == "expression":
-            order_values = self._expression_key(value, gene(), entry_cells).numpy()
+        order_bits = values.view(np.int32)
+        if self.order.kernel_code == compiled.EXPRESSION:
+            order_bits = self._expression_key(value, gene(), entry_cells).numpy().view(np.int32)
+        elif self.order.kernel_code == compiled.GIVEN:
+            order_bits = self._given_ranks(self.order, "rank", gene(), value, entry_cells(), epoch)
         n_expressed = compiled.count_expressed(indptr, indices, values, keep)
-        n_cells, size = len(cells), self.size
-        resample = self.select == "weighted_sample" and self.resample
-        select = compiled.RESAMPLE if resample else compiled.SELECT_CODES[self.select]
-        select_bits, draw_u, weights = self._weighted_draws(indptr, cells, value, gene, keep, epoch, entry_cells)
+        n_cells, size, resample = len(cells), self.size, self.resample
+        select = self.select.kernel_code
+        if isinstance(self.select, WeightedSample):
+            select_bits, draw_u, weights = self._weighted_draws(indptr, cells, value, gene, keep, epoch, entry_cells)
+        else:
+            select_bits, draw_u, weights = (np.zeros(0, dtype=np.int32), np.zeros((0, 0), dtype=np.float64),
+                                            np.zeros(0, dtype=np.int64))
+            if not isinstance(self.select, (Truncate, Sample)):
+                select_bits = self._given_ranks(self.select, "key", gene(), value, entry_cells(), epoch)
         count = np.where(n_expressed > 0, size, 0) if resample else np.minimum(n_expressed, size)
         longest = int(count.max()) if n_cells else 0
-        layout = self.layout if self.order == "chromosome" else None
+        layout = self.layout
         if layout is not None:
             longest += 2 * min(longest, layout.n_groups)
             group_of_gene, genomic_rank = layout.group_of_gene, layout.genomic_rank
@@ -393,8 +415,8 @@ class SentenceBuilder:
         streams = (kernels.STREAM_SELECT, kernels.STREAM_ORDER, kernels.STREAM_BIN, kernels.STREAM_CHROMOSOME)
         keys = np.array([kernels.stream_key(self.seed, s, epoch) & kernels.MASK64 for s in streams], dtype=np.uint64)
         length = compiled.fill_sentences(
-            indptr, indices, values, np.ascontiguousarray(order_values).view(np.int32), select_bits, draw_u, weights,
-            keep, cells, n_expressed, select, compiled.ORDER_CODES[self.order], size, keys, compiled.BIN_CODES[kind],
+            indptr, indices, values, np.ascontiguousarray(order_bits), select_bits, draw_u, weights,
+            keep, cells, n_expressed, select, self.order.kernel_code, size, keys, compiled.BIN_CODES[kind],
             n_bins, edges, group_of_gene, genomic_rank, layout.n_placed if layout else 0, self.n_genes,
             tokens, expression, special, padding, bins,
         )
@@ -403,6 +425,12 @@ class SentenceBuilder:
             out = [np.ascontiguousarray(a[:, :length]) if kind or i < 4 else a for i, a in enumerate(out)]
         tensors = [torch.from_numpy(a) for a in out]
         return CellSentences(*tensors[:4], tensors[4] if kind else None)
+
+    def _given_ranks(self, component, method: str, gene, value, cell, epoch: int) -> np.ndarray:
+        """int32 ranks (keys) of a user order (selection) for every stored entry, for the kernel."""
+        entries = self._entries(gene, value, cell, epoch)
+        ranks = checked(component, method, getattr(component, method)(entries), gene)
+        return np.ascontiguousarray(ranks.to(torch.int32).numpy())
 
     def _weighted_draws(self, indptr, cells, value, gene, keep, epoch: int, entry_cells):
         """The floating-point draws of ``weighted_sample`` for the compiled kernel, computed
@@ -413,8 +441,6 @@ class SentenceBuilder:
         select_bits = np.zeros(0, dtype=np.int32)
         draw_u = np.zeros((0, 0), dtype=np.float64)
         weights = np.zeros(0, dtype=np.int64)
-        if self.select != "weighted_sample":
-            return select_bits, draw_u, weights
         cells = torch.from_numpy(cells)
         weight = self._sampling_weight(value, entry_cells)
         if not self.resample:  # as in _choose
@@ -436,27 +462,33 @@ class SentenceBuilder:
 
     def _count(self, batch: "_Batch") -> torch.Tensor:
         """Genes in each cell's sentence."""
-        if self.select == "weighted_sample" and self.resample:
+        if self.resample:
             return torch.where(batch.n_expressed > 0, self.size, 0)
         return batch.n_expressed.clamp(max=self.size)
 
     def _choose(self, batch: "_Batch", epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, K) entries of the chosen genes in sentence order, and which places are real."""
-        size, order = self.size, self.order
-        if self.select == "truncate" or (self.select == "sample" and (batch.width <= size or order == "random")):
-            if order == "none" and batch.valid is None:
+        size, order, select = self.size, self.order, self.select
+        if isinstance(select, Truncate) or (isinstance(select, Sample) and (batch.width <= size or order.uniform_random)):
+            if order.keeps_csr_order and batch.valid is None:
                 columns = torch.arange(min(size, batch.width), device=batch.device)
                 real = columns < batch.lengths[:, None]
                 return torch.where(real, batch.starts[:, None] + columns, batch.n_entries), real
             rank = self._order_rank(batch, batch.gene[:-1], batch.value[:-1], batch.entries, epoch)
             return _smallest(batch.dense(_compose(rank, batch.valid, batch.entries)), size)
 
-        if self.select == "sample":
+        if isinstance(select, Sample):
             keys = self._cell_keys(kernels.STREAM_SELECT, epoch, batch.cells)
             rank = kernels.top_bits(kernels.item_bits(_take(keys, batch.row), batch.gene[:-1]), _RANDOM_BITS)
             entry, real = _smallest(batch.dense(_compose(rank, batch.valid, batch.entries)), size)
         elif self.resample:
             entry, real = self._draw(batch, epoch)
+        elif not isinstance(select, WeightedSample):
+            # a selection of the user's: the `size` smallest keys
+            cell = batch.entry_cells()[:-1]
+            key = checked(select, "key", select.key(self._entries(batch.gene[:-1], batch.value[:-1], cell, epoch)),
+                          batch.gene[:-1])
+            entry, real = _smallest(batch.dense(_compose(key, batch.valid, batch.entries)), size)
         else:
             # Efraimidis-Spirakis: the `size` smallest -log(u)/x are a weighted sample without replacement.
             keys = self._cell_keys(kernels.STREAM_SELECT, epoch, batch.cells)
@@ -501,7 +533,7 @@ class SentenceBuilder:
     def _assemble(self, gene, value, bins, real, count) -> CellSentences:
         n_cells, device = gene.shape[0], gene.device
         length = 1 + (int(count.max()) if n_cells else 0)
-        if self.order != "chromosome":
+        if self.layout is None:
             width = length - 1
             absent = ~real[:, :width]
             tokens = torch.empty(n_cells, length, dtype=torch.int64, device=device)
@@ -626,6 +658,23 @@ class _Batch:
         padding = (_LAST << 32) | self.n_entries
         block = torch.full((len(self.lengths) * self.width,), padding, dtype=torch.int64, device=self.device)
         return block.scatter_(0, self._dest, flat).view(len(self.lengths), self.width)
+
+
+def checked(component, method: str, ranks: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A user order's ranks or selection's keys, checked: integer, the entries' shape, in
+    [0, 2**31 - 1). Raises TokbenchError naming the class otherwise."""
+    where = f"{component.label()}.{method}()"
+    if not isinstance(ranks, torch.Tensor) or ranks.shape != like.shape:
+        shape = tuple(ranks.shape) if isinstance(ranks, torch.Tensor) else type(ranks).__name__
+        raise TokbenchError(f"{where} must return a tensor shaped like entries.gene {tuple(like.shape)}, got {shape}")
+    if ranks.dtype.is_floating_point or ranks.dtype == torch.bool:
+        raise TokbenchError(f"{where} returned {ranks.dtype}; return int64 ranks (tokbench.tokenizers.parts."
+                            "ascending/descending turn float scores into ranks)")
+    ranks = ranks.to(torch.int64)
+    if ranks.numel() and (int(ranks.min()) < 0 or int(ranks.max()) >= _LAST):
+        raise TokbenchError(f"{where} returned values in [{int(ranks.min())}, {int(ranks.max())}]; "
+                            f"ranks must lie in [0, {_LAST})")
+    return ranks
 
 
 def _entry_cells(indptr: np.ndarray, cells: np.ndarray):

@@ -107,24 +107,24 @@ class AutoBinExpression(nn.Module):
 
 
 class CellEmbedder(nn.Module):
-    """Token embeddings of a batch of cell sentences: Fg and Fe combined by the Fc's rule.
+    """Token embeddings of a batch of cell sentences: Fg and Fe joined by the Fc's combine.
 
-    ``combine``: ``sum`` (gene + expression), ``gene_only``, ``concat`` (``Linear(2d, d)`` of
-    the concatenation). The expression vector is zero at special tokens, so CLS, PAD and
-    chromosome tokens only carry their Fg vector. Output: float (B, T, d_model).
+    ``combine`` is the module of the Fc's combine rule (``forward(genes, expression)``);
+    ``uses_expression`` False skips the Fe. The expression vector is zero at special
+    tokens, so CLS, PAD and chromosome tokens only carry their Fg vector. Output: float
+    (B, T, d_model).
     """
 
-    def __init__(self, genes: nn.Module, expression: nn.Module | None, combine: str, d_model: int):
+    def __init__(self, genes: nn.Module, expression: nn.Module | None, combine: nn.Module,
+                 uses_expression: bool = True):
         super().__init__()
         self.genes, self.expression, self.combine = genes, expression, combine
-        self.project = nn.Linear(2 * d_model, d_model) if combine == "concat" else None
+        self.uses_expression = uses_expression
 
     def forward(self, sentences: CellSentences) -> torch.Tensor:
         genes = self.genes(sentences.gene_tokens)
-        if self.expression is None or self.combine == "gene_only":
+        if self.expression is None or not self.uses_expression:
             expression = None
         else:
             expression = self.expression(sentences).masked_fill(sentences.special.unsqueeze(-1), 0.0)
-        if self.project is not None:
-            return self.project(torch.cat([genes, torch.zeros_like(genes) if expression is None else expression], -1))
-        return genes if expression is None else genes + expression
+        return self.combine(genes, expression)

@@ -23,7 +23,6 @@ MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _MUL1 = 0xBF58476D1CE4E5B9
 _MUL2 = 0x94D049BB133111EB
-INT64_MAX = (1 << 63) - 1
 
 # Independent random streams: one per kind of choice, so e.g. the order of a cell's genes
 # is not correlated with which genes were sampled.

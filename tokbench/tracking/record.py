@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import csv
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tokbench.tracking.mlflow_runs import RunLogger, flatten
-from tokbench.training.experiment import config_hash, tokenizer_tags
+from tokbench.tokenizers.registry import PluginSource, plugin_source
+from tokbench.training.experiment import config_hash, tokenizer_tags, user_modules
 from tokbench.training.metrics import degenerate_splits, write_confusion_report
 
 # Per-epoch keys that are bookkeeping, not metrics worth a chart.
@@ -33,7 +36,33 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
         "split": split_name,
         "seed": str(cfg.seed),
         "config_hash": config_hash(cfg),
+        **plugin_tags(cfg),
     }
+
+
+def plugin_sources(cfg: DictConfig) -> list[PluginSource]:
+    """The user modules a run uses whose code is not installed with Python (see
+    :func:`tokbench.tokenizers.registry.plugin_source`)."""
+    return [s for s in map(plugin_source, user_modules(cfg)) if s is not None]
+
+
+def plugin_tags(cfg: DictConfig) -> dict[str, str]:
+    """``plugin.<module>``: the sha256 of each user module's source the run used, so a
+    result names the code that made it."""
+    return {f"plugin.{s.module}": s.sha256 for s in plugin_sources(cfg)}
+
+
+def log_plugin_sources(logger: RunLogger, sources: list[PluginSource]) -> None:
+    """The source files of user modules, as artifacts under ``plugins/``."""
+    if not sources:
+        return
+    with tempfile.TemporaryDirectory(prefix="tokbench-plugins-") as tmp:
+        for source in sources:
+            for name in source.files:
+                target = Path(tmp) / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source.path.parent / name, target)
+        logger.log_artifacts(sorted(Path(tmp).iterdir()), "plugins")
 
 
 def start_run(logger: RunLogger, cfg: DictConfig) -> None:
@@ -45,6 +74,7 @@ def start_run(logger: RunLogger, cfg: DictConfig) -> None:
     tags = run_tags(cfg)
     logger.set_tags(tags)
     logger.log_inputs([dataset_input(cfg, tags["split"])])
+    log_plugin_sources(logger, plugin_sources(cfg))
 
 
 def log_epoch(logger: RunLogger, metrics: dict) -> None:

@@ -26,7 +26,9 @@ from tokbench.data.atlas import register_resolvers
 from tokbench.data.config import DatasetConfig, SplitConfig
 from tokbench.errors import TokbenchError
 from tokbench.model.config import ModelConfig, check_choice, validate_model_config
-from tokbench.tokenizers.config import FcConfig, FeConfig, FgConfig, load_component, resolve_params, to_config
+from tokbench.tokenizers import registry
+from tokbench.tokenizers.config import FcSchema, load_component, parts, to_config
+from tokbench.tokenizers.tokenizer import tokenizer_tags as _part_tags
 from tokbench.training.config import (
     BaselineConfig,
     OptimizerConfig,
@@ -61,18 +63,22 @@ class ExperimentConfig:
     model initialisation, batch order, dropout and every tokenizer random choice (the data
     split has its own ``split.seed``). ``run_dir`` empty = a new directory under ``runs/``.
     ``gene_embeddings`` is the gene-vector file ``fg=pretrained`` reads when ``fg.path`` is
-    not set, so a sweep can switch Fg by preset name alone."""
+    not set, so a sweep can switch Fg by preset name alone. ``plugins`` lists the user's
+    modules (dotted names, or ``.py`` files and package folders relative to the experiment
+    file) imported before the config is checked, so the components they register can be
+    named; a part named ``module:Class`` imports its module by itself."""
 
     name: str = "experiment"
     method: str = "transformer"
     seed: int = 0
     run_dir: str = ""
     gene_embeddings: Optional[str] = None
+    plugins: list[str] = field(default_factory=list)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
-    fg: FgConfig = field(default_factory=FgConfig)
-    fe: FeConfig = field(default_factory=FeConfig)
-    fc: FcConfig = field(default_factory=FcConfig)
+    fg: Any = field(default_factory=lambda: {"name": registry.DEFAULT_NAMES["fg"]})
+    fe: Any = field(default_factory=lambda: {"name": registry.DEFAULT_NAMES["fe"]})
+    fc: FcSchema = field(default_factory=FcSchema)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -113,11 +119,29 @@ def _expand_part(part: str, value: Any, where: str) -> Any:
         return load_component(part, value)
     if isinstance(value, dict) and "preset" in value:
         rest = {k: v for k, v in value.items() if k != "preset"}
+        preset = load_component(part, value["preset"])
+        # A section (or part) naming another component replaces the preset's: parameters of
+        # the preset's component would not fit it.
+        for section in (("order", "select", "combine") if part == "fc" else ()):
+            if isinstance(rest.get(section), dict) and rest[section].get("name") not in (None, preset[section].name):
+                preset[section] = rest.pop(section)
+        if part != "fc" and rest.get("name") not in (None, preset.name):
+            return rest
         try:
-            return OmegaConf.merge(load_component(part, value["preset"]), rest)
+            return OmegaConf.merge(preset, rest)
         except OmegaConfBaseException as err:
             raise _schema_error(err, f"{where}: {part}") from None
     return value
+
+
+def _flow_mapping(item: str, value: str) -> dict:
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise TokbenchError(f"override {item!r}: not a YAML mapping ({str(err).splitlines()[0]})") from None
+    if not isinstance(parsed, dict):
+        raise TokbenchError(f"override {item!r}: expected a mapping like {{name: linear}}")
+    return parsed
 
 
 def read_yaml_mapping(path: Path) -> dict:
@@ -146,8 +170,12 @@ def compose(base: dict, overrides: Sequence[str] = (), where: str = "config") ->
         if not sep or not key:
             raise TokbenchError(f"override {item!r}: expected KEY=VALUE, e.g. model.d_model=256 or fc=uce")
         try:
-            if key in TOKENIZER_PARTS and "." not in value and not value.startswith("{"):
+            if key in TOKENIZER_PARTS and not value.startswith("{"):
                 cfg[key] = load_component(key, value)
+            elif key in TOKENIZER_PARTS:
+                # a whole part as a mapping replaces the part (no leftover parameters)
+                part = _expand_part(key, _flow_mapping(item, value), f"override {item!r}")
+                cfg[key] = to_config(key, part)
             else:
                 cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
@@ -160,13 +188,43 @@ def load_experiment(path: str | Path | None, overrides: Sequence[str] = ()) -> D
     interpolations, make paths absolute and validate every section. Nothing is loaded."""
     where = str(path) if path else "config"
     base = read_yaml_mapping(Path(path)) if path else {}
+    if "plugins" in base:
+        base["plugins"] = import_plugins(base["plugins"], Path(path).resolve().parent, where)
+    else:
+        registry.plugin_search_path([Path.cwd()])
     cfg = compose(base, overrides, where)
     return finalize(cfg, where)
 
 
+def import_plugins(entries: Any, folder: Optional[Path], where: str) -> list[str]:
+    """Import an experiment's ``plugins`` (see :class:`ExperimentConfig`) and make modules in
+    its folder and the working directory importable; return the module names (what the
+    resolved config keeps, so a worker elsewhere imports them by name)."""
+    if not isinstance(entries, (list, tuple)) or not all(isinstance(e, str) for e in entries):
+        raise TokbenchError(f"{where}: plugins: expected a list of module names or .py files (got {entries!r})")
+    registry.plugin_search_path([p for p in (Path.cwd(), folder) if p is not None])
+    try:
+        return registry.load_plugins(entries, folder)
+    except TokbenchError as err:
+        raise TokbenchError(f"{where}: {err}") from None
+
+
+def component_names(cfg: DictConfig) -> list[str]:
+    """The names of the five tokenizer components a config uses (``fg``, ``fe``, then the Fc's)."""
+    fc = cfg.fc
+    return [str(cfg.fg.get("name", "")), str(cfg.fe.get("name", "")),
+            *(str(fc[s].get("name", "")) for s in ("order", "select", "combine"))]
+
+
+def user_modules(cfg: DictConfig) -> list[str]:
+    """Top-level modules of the user's own code a run needs: its ``plugins`` and the modules
+    of components named ``module:Class``."""
+    return registry.user_modules(component_names(cfg) if cfg.method == "transformer" else [], list(cfg.plugins))
+
+
 def finalize(cfg: DictConfig, where: str = "config") -> DictConfig:
     """Resolve interpolations, make file paths absolute, validate; return a resolved copy."""
-    if cfg.fg.name == "pretrained" and not OmegaConf.select(cfg, "fg.path", default=None) and cfg.gene_embeddings:
+    if cfg.fg.get("name") == "pretrained" and not cfg.fg.get("path") and cfg.gene_embeddings:
         cfg = cfg.copy()
         cfg.fg.path = cfg.gene_embeddings
     try:
@@ -180,7 +238,7 @@ def finalize(cfg: DictConfig, where: str = "config") -> DictConfig:
     for section, key in (("dataset", "path"), ("dataset", "cache_dir"), ("fg", "path"), ("fg", "gene_list"),
                          ("", "run_dir"), ("", "gene_embeddings")):
         holder = resolved[section] if section else resolved
-        if holder[key]:
+        if holder.get(key):
             holder[key] = str(Path(holder[key]).expanduser().resolve())
     validate(resolved, where)
     return resolved
@@ -189,16 +247,20 @@ def finalize(cfg: DictConfig, where: str = "config") -> DictConfig:
 def validate(cfg: DictConfig, where: str = "config") -> None:
     """Check every section's values (ranges, names, component parameters)."""
     check_choice(cfg.method, METHODS, "method")
+    if cfg.plugins:
+        try:
+            registry.load_plugins(list(cfg.plugins))
+        except TokbenchError as err:
+            raise TokbenchError(f"{where}: {err}") from None
     validate_model_config(cfg.model)
     validate_optimizer_config(cfg.optimizer)
     validate_scheduler_config(cfg.scheduler)
     validate_trainer_config(cfg.trainer)
     validate_baseline_config(cfg.baseline)
-    resolve_params("fg", to_config("fg", cfg.fg), "fg")
-    resolve_params("fe", to_config("fe", cfg.fe), "fe")
-    fc = to_config("fc", cfg.fc)
-    for sub in ("order", "select", "combine"):
-        resolve_params(sub, fc[sub], f"fc.{sub}")
+    try:
+        parts(cfg.fg, cfg.fe, cfg.fc)
+    except TokbenchError as err:
+        raise TokbenchError(f"{where}: {err}") from None
 
 
 # Sections that do not change what a run computes: where it is logged or stored.
@@ -214,21 +276,12 @@ def config_hash(cfg: DictConfig) -> str:
 
 
 def tokenizer_tags(cfg: DictConfig) -> dict[str, str]:
-    """Short names of the run's tokenizer parts, for MLflow tags and leaderboards."""
+    """Short names of the run's tokenizer parts, for MLflow tags and leaderboards (see
+    :func:`tokbench.tokenizers.tokenizer.tokenizer_tags`); the baseline has its own."""
     if cfg.method == "logreg":
         return {"fg": "-", "fe": "-", "fc": "-", "order": "-", "select": "-", "combine": "-",
                 "tokenizer": "baseline:logreg", "preset": "logreg"}
-    tags = {
-        "fg": cfg.fg.name,
-        "fe": cfg.fe.name,
-        "fc": cfg.fc.name,
-        "order": cfg.fc.order.name,
-        "select": cfg.fc.select.name,
-        "combine": cfg.fc.combine.name,
-    }
-    tags["tokenizer"] = f"{tags['fg']}/{tags['fe']}/{tags['fc']}"
-    tags["preset"] = cfg.fc.name
-    return tags
+    return _part_tags(cfg.fg, cfg.fe, cfg.fc)
 
 
 def run_directory(cfg: DictConfig, root: str | Path = "runs") -> Path:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import uuid
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -17,6 +15,8 @@ from torchmetrics.classification import (
     MulticlassF1Score,
     MulticlassMatthewsCorrCoef,
 )
+
+from tokbench.fileio import write_atomic
 
 
 class AnnotationMetrics:
@@ -108,45 +108,30 @@ def predicted_class_names(confusion: np.ndarray, class_names: Sequence[str]) -> 
     return [name for name, n in zip(class_names, columns) if n > 0]
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_bytes(payload)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def draw_confusion_matrix(ax, confusion: np.ndarray, class_names: Sequence[str], *, normalize: bool = True):
+    """Draw a confusion matrix on the matplotlib ``ax``, class names on both axes, with a
+    colour bar beside it; return the image.
 
-
-def plot_confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], path: str | Path,
-                          normalize: bool = True, title: str = "") -> Path:
-    """Render a confusion matrix to a PNG with class names on both axes.
-
-    Rows are true classes, columns predicted ones. With ``normalize`` each row is divided by
-    its cell count (rows without cells stay blank) and the colour scale runs 0..1; the cell
-    counts are printed in the squares when the matrix is small enough to read them.
-    Uses the Agg canvas directly, so no GUI backend and no pyplot global state are touched.
+    ``confusion`` counts cells, rows = true class, columns = predicted class, in the order of
+    ``class_names``. With ``normalize`` each row is divided by its cell count (rows without
+    cells stay blank) and the colour scale runs 0..1 (fraction of the true class); otherwise
+    the colour is the cell count. The counts are printed in the squares when there are at
+    most 25 classes (beyond that they no longer fit). The one drawing of a confusion matrix:
+    the run artifact (:func:`plot_confusion_matrix`) and the report page both use it.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     confusion = np.asarray(confusion)
     n = len(class_names)
     shown = confusion.astype(np.float64)
     if normalize:
         with np.errstate(invalid="ignore", divide="ignore"):
             shown = shown / shown.sum(axis=1, keepdims=True)
-    side = max(4.0, 0.45 * n + 2.5)
-    fig = Figure(figsize=(side + 1.0, side), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
     image = ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class" if normalize else "cells")
+    ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04,
+                       label="fraction of true class" if normalize else "cells")
     ax.set_xticks(range(n), labels=list(class_names), rotation=90, fontsize=8)
     ax.set_yticks(range(n), labels=list(class_names), fontsize=8)
     ax.set_xlabel("predicted cell type")
     ax.set_ylabel("true cell type")
-    if title:
-        ax.set_title(title)
     if n <= 25:
         for i in range(n):
             for j in range(n):
@@ -154,11 +139,32 @@ def plot_confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], pat
                     dark = normalize and shown[i, j] > 0.5
                     ax.text(j, i, str(int(confusion[i, j])), ha="center", va="center", fontsize=7,
                             color="white" if dark else "black")
+    return image
+
+
+def plot_confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], path: str | Path,
+                          normalize: bool = True, title: str = "") -> Path:
+    """Render a confusion matrix (:func:`draw_confusion_matrix`) to the PNG ``path``,
+    written atomically; return ``path``.
+
+    The figure grows with the number of classes (0.45 inch each, at least 4 inches).
+    Uses the Agg canvas directly, so no GUI backend and no pyplot global state are touched.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    side = max(4.0, 0.45 * len(class_names) + 2.5)
+    fig = Figure(figsize=(side + 1.0, side), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    draw_confusion_matrix(ax, confusion, class_names, normalize=normalize)
+    if title:
+        ax.set_title(title)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     path = Path(path)
-    _atomic_write_bytes(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue())
     return path
 
 
@@ -181,7 +187,7 @@ def write_confusion_report(result: dict, out_dir: str | Path, prefix: str = "tes
     for name, row in zip(names, confusion):
         writer.writerow([name, *map(int, row)])
     matrix_csv = out_dir / f"{prefix}_confusion_matrix.csv"
-    _atomic_write_bytes(matrix_csv, table.getvalue().encode())
+    write_atomic(matrix_csv, table.getvalue())
 
     table = io.StringIO()
     writer = csv.writer(table)
@@ -190,7 +196,7 @@ def write_confusion_report(result: dict, out_dir: str | Path, prefix: str = "tes
         support, correct = int(confusion[i].sum()), int(confusion[i, i])
         writer.writerow([name, support, correct, f"{correct / support:.6f}" if support else ""])
     per_class_csv = out_dir / f"{prefix}_per_class.csv"
-    _atomic_write_bytes(per_class_csv, table.getvalue().encode())
+    write_atomic(per_class_csv, table.getvalue())
 
     png = plot_confusion_matrix(confusion, names, out_dir / f"{prefix}_confusion_matrix.png",
                                 title=f"{prefix} (rows: true, normalised)")

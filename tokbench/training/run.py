@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from tokbench.data.prepare import prepare_dataset
 from tokbench.data.prepared import PreparedData
+from tokbench.fileio import write_atomic
 from tokbench.tokenizers import build_tokenizer
 from tokbench.training.baseline import LogisticRegressionBaseline
 from tokbench.training.experiment import to_yaml
@@ -42,9 +43,7 @@ def build_runner(cfg: DictConfig, run_dir: str | os.PathLike, *, data: Optional[
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = run_dir / "config.yaml"
     if not config_file.exists():
-        tmp = run_dir / ".config.yaml.tmp"
-        tmp.write_text(to_yaml(cfg))
-        tmp.replace(config_file)
+        write_atomic(config_file, to_yaml(cfg))
     data = data if data is not None else load_data(cfg)
     if cfg.method == "logreg":
         return LogisticRegressionBaseline(data, cfg.baseline, run_dir, device=device, on_batch=on_batch)
