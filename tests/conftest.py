@@ -18,14 +18,16 @@ SYMBOLS = ["CD3E", "MS4A1", "CD14", "LYZ", "XIST", "GAPDH", "ACTB", "NKG7", "CD8
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _no_tracking_or_storage_from_the_environment():
+def _no_tracking_or_storage_from_the_environment(tmp_path_factory):
     # An empty tracking.uri / storage_path falls back to these; a developer's own values
     # would send test runs to their MLflow server and results folder. Session-wide, so the
     # module-scoped Ray clusters (and the job drivers they start) never see them either;
-    # a test that wants them sets them with monkeypatch.setenv.
+    # a test that wants them sets them with monkeypatch.setenv. A sweep's report folder
+    # (report-<sweep id>/, else in the working directory) goes to a temporary folder.
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         patch.delenv("TOKBENCH_STORAGE_PATH", raising=False)
+        patch.setenv("TOKBENCH_REPORT_DIR", str(tmp_path_factory.mktemp("reports")))
         yield
 
 

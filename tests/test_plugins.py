@@ -294,8 +294,13 @@ def cluster():
     c.shutdown()
 
 
+def state_dir(tmp_path: Path) -> Path:
+    return next(p for p in (tmp_path / "results").iterdir() if p.is_dir())
+
+
 @pytest.mark.slow
-def test_the_tutorial_sweep_runs_on_a_cluster_whose_workers_get_the_module_from_ray(cluster, tiny_atlas, tmp_path):
+def test_the_tutorial_sweep_runs_on_a_cluster_whose_workers_get_the_module_from_ray(cluster, tiny_atlas, tmp_path,
+                                                                                    capfd, monkeypatch):
     import ray
 
     from tokbench.sweep.launch import run_sweep
@@ -320,10 +325,18 @@ def test_the_tutorial_sweep_runs_on_a_cluster_whose_workers_get_the_module_from_
     (folder / "sweep.yaml").write_text(yaml.safe_dump(spec))
     sys.modules.pop("my_tokenizers", None)  # the driver imports it from the user's folder too
 
-    board = run_sweep(folder / "sweep.yaml", address=cluster.address, verbose=0)
+    monkeypatch.setenv("TOKBENCH_CONSOLE_INTERVAL", "2")
+    board = run_sweep(folder / "sweep.yaml", address=cluster.address, verbose=1)
+
+    # The console: the progress table names the tokenizers; Ray's result boxes are gone.
+    out = capfd.readouterr().out
+    assert "sweep novel_tokenizer: 5 of 5 trials ended (0 stopped by ASHA, 0 failed)" in out
+    assert "geneformer + my order variance" in out and "Trial status" not in out and "╭" not in out
+    report = Path(os.environ["TOKBENCH_REPORT_DIR"]) / f"report-{state_dir(tmp_path).name}" / "report.html"
+    assert f"report: {report}" in out and report.exists()
 
     assert ray.is_initialized() and "py_modules" in ray.get_runtime_context().runtime_env
-    state = SweepState.load(next(p for p in (tmp_path / "results").iterdir() if p.is_dir()))
+    state = SweepState.load(state_dir(tmp_path))
     ends = {r["label"]: r["end_state"] for r in state.doc["trials"].values()}
     assert set(ends) == keep | {"baseline:logreg"} and set(ends.values()) == {"completed"}, ends
     assert len(board) == 5

@@ -194,6 +194,9 @@ def test_a_crashed_trial_is_retried_from_its_checkpoint(cluster, tiny_atlas, tmp
         ({"scheduler": {"name": "asha", "reduction_factor": 1}}, r"scheduler.reduction_factor: must be > 1"),
         ({"resources": {"cpu": 1, "gpu": 1.5}}, r"resources.gpu: a fraction must be below 1"),
         ({"base": {"experiment": "missing.yaml"}}, r"missing.yaml: no such file"),
+        ({"scheduler": {"name": "asha", "metric": "val_mccc"}}, r"scheduler.metric: 'val_mccc' is not one of val_mcc"),
+        ({"plugins": ["no_such_plugin.py"]}, r"plugins: no_such_plugin.py: no such file"),
+        ({"combinations": [{"fe": {"name": "linear", "n_bins": 3}}]}, r"'linear' does not take 'n_bins'"),
     ],
 )
 def test_dry_run_refuses_broken_sweep_files(tiny_atlas, tmp_path, changes, message):

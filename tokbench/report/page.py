@@ -15,6 +15,7 @@ import datetime as dt
 import logging
 import math
 import numbers
+import os
 import platform
 from dataclasses import dataclass
 from importlib import metadata
@@ -314,20 +315,23 @@ def build_report(tracking_uri: Optional[str], out_dir: str | Path, *, sweep_id: 
     return page
 
 
-def publish_sweep_report(tracking_uri: str, sweep_id: str, parent_run_id: str) -> Optional[str]:
-    """Build the sweep's page and log it (page, tables, figures) as artifacts of the sweep's
-    parent run under ``report/``; return the page's artifact URI. The sweep is over and
-    recorded when this runs, so a failure here is logged as a warning and returns None."""
-    import tempfile
-
+def publish_sweep_report(tracking_uri: str, sweep_id: str, parent_run_id: str,
+                         out_dir: Optional[str | Path] = None) -> Optional[Path]:
+    """Build the sweep's page into ``out_dir`` (default ``report-<sweep id>/`` in
+    ``$TOKBENCH_REPORT_DIR`` or else the working directory: plain files, openable without
+    MLflow) and log it (page, tables, figures) as
+    artifacts of the sweep's parent run under ``report/``; return the local page's path. The
+    sweep is over and recorded when this runs, so a failure here is logged as a warning and
+    returns None."""
+    root = Path(os.environ.get("TOKBENCH_REPORT_DIR") or Path.cwd())
+    folder = Path(out_dir) if out_dir is not None else root / f"report-{sweep_id}"
     try:
-        with tempfile.TemporaryDirectory(prefix="tokbench-report-") as tmp:
-            build_report(tracking_uri, tmp, sweep_id=sweep_id)
-            location = f"{publish_folder(tracking_uri, parent_run_id, tmp, 'report')}/report.html"
+        page = build_report(tracking_uri, folder, sweep_id=sweep_id)
+        location = f"{publish_folder(tracking_uri, parent_run_id, folder, 'report')}/report.html"
     except Exception as exc:  # noqa: BLE001
         log.warning("sweep %s: the report page could not be written (%s); the sweep's results are intact, "
                     "build it with `tokbench report --sweep %s --tracking-uri %s`",
                     sweep_id, exc, sweep_id, tracking_uri, exc_info=True)
         return None
-    log.info("report of sweep %s: %s", sweep_id, location)
-    return location
+    log.info("report of sweep %s: %s (in MLflow: %s)", sweep_id, page, location)
+    return page

@@ -170,11 +170,17 @@ def run_sweep(
     trainable=None,
     verbose: int = 1,
 ) -> pd.DataFrame:
-    """Run the sweep in ``path``; return the leaderboard. All validation happens first."""
+    """Run the sweep in ``path``; return the leaderboard. All validation happens first.
+
+    ``verbose``: 0 prints nothing while trials run; 1 a progress table every
+    ``$TOKBENCH_CONSOLE_INTERVAL`` seconds (:mod:`tokbench.sweep.console`); 2 and up adds
+    Ray Tune's own output at verbosity ``verbose - 1``. The leaderboard and the report's path
+    are printed at the end."""
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from tokbench.report import publish_sweep_report
+    from tokbench.sweep.console import ConsoleProgress
     from tokbench.sweep.mlflow_callback import MlflowSweepCallback
     from tokbench.sweep.report import leaderboard, print_leaderboard
     from tokbench.trainable import TokbenchTrainable
@@ -233,6 +239,11 @@ def run_sweep(
 
     log.info("sweep %s: %d trials, results in %s, tracking %s", state.doc["sweep_id"], sweep.n_trials(), exp_dir, uri)
     trainable = trainable or TokbenchTrainable
+    if verbose < 2:
+        # Tune's newer console output prints an experiment box and a trial-status table even
+        # when silenced; its classic reporter at verbosity 0 prints nothing, which leaves the
+        # console to ConsoleProgress.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     resources = {"cpu": sweep.spec.resources.cpu, "gpu": sweep.spec.resources.gpu}
     wrapped = tune.with_resources(tune.with_parameters(trainable, sweep=sweep), resources)
     try:
@@ -248,10 +259,12 @@ def run_sweep(
                 run_config=tune.RunConfig(
                     name=exp_dir.name,
                     storage_path=str(root),
-                    callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), MlflowSweepCallback(sweep, exp_dir, uri)],
+                    callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), MlflowSweepCallback(sweep, exp_dir, uri),
+                               *([ConsoleProgress(sweep, _console_interval())] if verbose >= 1 else [])],
                     failure_config=tune.FailureConfig(max_failures=sweep.spec.max_failures),
                     checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, num_to_keep=2, checkpoint_at_end=True),
-                    verbose=verbose,
+                    # Ray's own per-trial result boxes only on request (verbose 2 and up).
+                    verbose=max(0, verbose - 1),
                 ),
             )
         tuner.fit()
@@ -268,8 +281,15 @@ def run_sweep(
     print_leaderboard(board, state)
     if not (synced and outbox.flush(timeout=_tracking_wait())):
         raise TokbenchError(_replay_message(outbox, sweep, exp_dir))
-    publish_sweep_report(uri, state.doc["sweep_id"], parent.run_id)  # never raises: the sweep is recorded
+    page = publish_sweep_report(uri, state.doc["sweep_id"], parent.run_id)  # never raises: the sweep is recorded
+    if page is not None:
+        print(f"report: {page}")
     return board
+
+
+def _console_interval() -> float:
+    """Seconds between two progress tables (``$TOKBENCH_CONSOLE_INTERVAL``, default 30)."""
+    return float(os.environ.get("TOKBENCH_CONSOLE_INTERVAL") or 30.0)
 
 
 def _tracking_wait() -> float:

@@ -65,6 +65,10 @@ from tokbench.training.experiment import (
 SAMPLERS = ("loguniform", "uniform", "choice", "randint")
 ALGORITHMS = ("grid", "random", "optuna")
 SCHEDULERS = ("asha", "none")
+# What every trial (transformer or baseline) reports each epoch that a scheduler can compare
+# (EpochRunner._finish_epoch): a name outside these would never be seen, and ASHA would
+# compare nothing.
+SCHEDULER_METRICS = ("val_mcc", "val_accuracy", "val_macro_f1", "val_loss", "train_loss")
 
 
 @dataclass
@@ -272,6 +276,7 @@ def load_sweep(path: str | Path) -> Sweep:
     _check_choice(spec.search.algorithm, ALGORITHMS, "search.algorithm", path)
     _check_choice(spec.scheduler.name, SCHEDULERS, "scheduler.name", path)
     _check_choice(spec.scheduler.mode, ("max", "min"), "scheduler.mode", path)
+    _check_choice(spec.scheduler.metric, SCHEDULER_METRICS, "scheduler.metric", path)
     for key, low in (("search.num_samples", 1), ("scheduler.grace_period", 1), ("max_failures", 0), ("max_concurrent", 0)):
         if OmegaConf.select(spec, key) < low:
             raise TokbenchError(f"{path}: {key}: must be >= {low}, got {OmegaConf.select(spec, key)}")

@@ -219,7 +219,9 @@ def component_names(cfg: DictConfig) -> list[str]:
 def user_modules(cfg: DictConfig) -> list[str]:
     """Top-level modules of the user's own code a run needs: its ``plugins`` and the modules
     of components named ``module:Class``."""
-    return registry.user_modules(component_names(cfg) if cfg.method == "transformer" else [], list(cfg.plugins))
+    if cfg.method != "transformer":  # the baseline runs no tokenizer part
+        return []
+    return registry.user_modules(component_names(cfg), list(cfg.plugins))
 
 
 def finalize(cfg: DictConfig, where: str = "config") -> DictConfig:
