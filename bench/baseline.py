@@ -53,14 +53,15 @@ def compare(name: str, overrides: list[str], run_dir: Path) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, matthews_corrcoef
 
-    from tokbench.training.baseline import expression_matrix, run_baseline
+    from tokbench.training.baseline import LogisticRegressionBaseline, expression_matrix
     from tokbench.training.experiment import builtin_experiment, load_experiment
     from tokbench.training.run import load_data
 
     cfg = load_experiment(builtin_experiment("cross_tissue"), ["method=logreg", "tracking.enabled=false", *overrides])
     data = load_data(cfg)
     started = time.perf_counter()
-    history, result = run_baseline(data, cfg.baseline, run_dir)
+    runner = LogisticRegressionBaseline(data, cfg.baseline, run_dir)
+    history, result = runner.fit(), runner.test()
     tokbench_seconds = time.perf_counter() - started
 
     x, y = expression_matrix(data), np.asarray(data.labels)

@@ -16,14 +16,15 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
 from tokbench.data.prepared import PreparedData
 from tokbench.errors import TokbenchError
-from tokbench.training import BaselineConfig, LogisticRegressionBaseline, run_baseline, validate_baseline_config
+from tokbench.training import BaselineConfig, LogisticRegressionBaseline, validate_baseline_config
 
 N_GENES, N_CLASSES = 30, 3
 CS = [1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3]
 STEP_KEYS = {
     "epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "val_mcc", "val_predicted_classes",
     "val_true_classes", "C", "cv_mcc", "cv_seconds", "n_iter", "cells_per_second", "tokens_per_second",
-    "train_seconds", "epoch_seconds", "padded_fraction", "data_fraction", "best_val_mcc", "best_epoch", "should_stop",
+    "train_seconds", "epoch_seconds", "padded_fraction", "data_fraction", "tokenise_fraction", "best_val_mcc",
+    "best_epoch", "should_stop",
 }
 TEST_KEYS = {
     "test_accuracy", "test_macro_f1", "test_mcc", "test_loss", "test_n_cells", "test_confusion_matrix",
@@ -51,6 +52,12 @@ def noisy_cells(n_cells: int = 180, seed: int = 0, scale: float = 1.0, labels: n
         labels=labels.astype(np.int64), class_names=[f"type_{c}" for c in range(N_CLASSES)], split=split,
         obs=pd.DataFrame({"cell_type": labels}),
     )
+
+
+def run_baseline(data: PreparedData, cfg: BaselineConfig, run_dir) -> tuple[list[dict], dict]:
+    """Fit the baseline and score test: (epoch history, test result)."""
+    baseline = LogisticRegressionBaseline(data, cfg, run_dir)
+    return baseline.fit(), baseline.test()
 
 
 def reference_fit(data: PreparedData, seed: int) -> GridSearchCV:

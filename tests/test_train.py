@@ -43,7 +43,7 @@ def test_presets_train_and_land_in_mlflow(tiny_atlas, tmp_path, preset, extra, e
     client, run = only_run(tmp_path)
     assert run.info.status == "FINISHED"
     tags = run.data.tags
-    assert tags["fc"] == preset and tags["preset"] == "custom"  # fc.select.size=48: not the preset itself
+    assert tags["fc"] == preset and tags["preset"] == preset  # fc=NAME comes after fc.select.size=48
     for key, value in expected.items():
         assert tags[key] == value
     assert tags["dataset"] == "synthetic_atlas" and tags["split"] == "cross_tissue:blood+lung+gut->brain"

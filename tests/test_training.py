@@ -28,10 +28,11 @@ from tokbench.training.loop import EarlyStopping, epoch_batches, lr_factor
 from tokbench.training.metrics import degenerate_splits
 
 N_GENES, N_CLASSES, MARKERS = 40, 3, 5
-TIMING_KEYS = {"cells_per_second", "tokens_per_second", "train_seconds", "epoch_seconds", "data_fraction"}
+TIMING_KEYS = {"cells_per_second", "tokens_per_second", "train_seconds", "epoch_seconds", "data_fraction",
+               "tokenise_fraction"}
 STEP_KEYS = {
     "epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "val_mcc", "lr", "cells_per_second",
-    "tokens_per_second", "train_seconds", "epoch_seconds", "padded_fraction", "data_fraction",
+    "tokens_per_second", "train_seconds", "epoch_seconds", "padded_fraction", "data_fraction", "tokenise_fraction",
     "best_val_mcc", "best_epoch", "should_stop", "val_predicted_classes", "val_true_classes",
 }
 TEST_KEYS = {
@@ -216,11 +217,11 @@ def test_early_stopping_waits_for_min_epochs_even_at_mcc_zero(tmp_path):
 
 
 def test_early_stopping_state_resumes_with_min_epochs():
-    stopper = EarlyStopping("mcc", patience=1, min_epochs=3)
+    stopper = EarlyStopping(patience=1, min_epochs=3)
     for epoch in (1, 2):
         stopper.update(epoch, 0.0)
     assert not stopper.should_stop  # patience is spent, min_epochs not reached
-    restored = EarlyStopping("mcc", patience=1, min_epochs=3)
+    restored = EarlyStopping(patience=1, min_epochs=3)
     restored.load_state_dict(stopper.state_dict())
     restored.update(3, 0.0)
     assert restored.should_stop

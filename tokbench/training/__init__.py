@@ -1,6 +1,6 @@
 """Training: the annotation loop, its configs, metrics and the logistic-regression baseline."""
 
-from tokbench.training.baseline import LogisticRegressionBaseline, run_baseline
+from tokbench.training.baseline import LogisticRegressionBaseline
 from tokbench.training.config import (
     BaselineConfig,
     OptimizerConfig,
@@ -12,7 +12,12 @@ from tokbench.training.config import (
     validate_trainer_config,
 )
 from tokbench.training.loop import AnnotationTrainer
-from tokbench.training.metrics import AnnotationMetrics, plot_confusion_matrix, write_confusion_report
+from tokbench.training.metrics import (
+    AnnotationMetrics,
+    draw_confusion_matrix,
+    plot_confusion_matrix,
+    write_confusion_report,
+)
 
 __all__ = [
     "AnnotationMetrics",
@@ -22,8 +27,8 @@ __all__ = [
     "OptimizerConfig",
     "SchedulerConfig",
     "TrainerConfig",
+    "draw_confusion_matrix",
     "plot_confusion_matrix",
-    "run_baseline",
     "validate_baseline_config",
     "validate_optimizer_config",
     "validate_scheduler_config",

@@ -16,7 +16,6 @@ import logging
 import os
 import time
 import warnings
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -29,7 +28,7 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from tokbench.data.prepared import PreparedData
 from tokbench.errors import TokbenchError
 from tokbench.training.config import BaselineConfig, validate_baseline_config
-from tokbench.training.loop import BatchCallback, EarlyStopping, EpochRunner, check_splits
+from tokbench.training.loop import BatchCallback, EarlyStopping, EpochRunner
 from tokbench.training.metrics import AnnotationMetrics
 
 log = logging.getLogger("tokbench.training")
@@ -89,21 +88,11 @@ class LogisticRegressionBaseline(EpochRunner):
     def __init__(self, data: PreparedData, cfg: BaselineConfig, run_dir: str | os.PathLike, *,
                  device: torch.device | str | None = None, on_batch: Optional[BatchCallback] = None):
         validate_baseline_config(cfg)
-        self.train_cells, self.val_cells, self.test_cells = check_splits(data)
-        self.data, self.cfg = data, cfg
-        self.run_dir = Path(run_dir).resolve()
-        self.device = torch.device("cpu")
-        self.on_batch = on_batch
-        self.class_names = list(data.class_names)
-        self.labels = np.asarray(data.labels, dtype=np.int64)
+        # Nothing to stop early: the one step is the whole fit.
+        super().__init__(data, cfg, run_dir, device=torch.device("cpu"), on_batch=on_batch,
+                         stopper=EarlyStopping(patience=1, enabled=False))
         self.matrix = expression_matrix(data)
         self.estimator: Optional[LogisticRegression] = None
-        self.epoch = 0
-        # Nothing to stop early: the one step is the whole fit.
-        self.stopper = EarlyStopping(cfg.track_metric, patience=1, enabled=False)
-        self.best_state: Optional[dict] = None
-        self.history: list[dict] = []
-        self._test_result: Optional[dict] = None
 
     def step(self) -> dict:
         """Fit and score validation. Keys as ``AnnotationTrainer.step()`` without ``lr``, plus
@@ -113,10 +102,7 @@ class LogisticRegressionBaseline(EpochRunner):
         the training cells (nats); ``cells_per_second`` is training cells over ``train_seconds``;
         ``tokens_per_second`` counts their expressed genes.
         """
-        if self._test_result is not None:
-            raise TokbenchError("the test split has been scored already; training cannot continue after test()")
-        if self.epoch >= 1:
-            raise TokbenchError("the baseline is fitted already: its whole fit is one step()")
+        self._check_can_step(1, "the baseline is fitted already: its whole fit is one step()")
         t_epoch = time.perf_counter()
         x, y = self.matrix[self.train_cells], self.labels[self.train_cells]
         with warnings.catch_warnings(record=True) as caught:
@@ -146,6 +132,7 @@ class LogisticRegressionBaseline(EpochRunner):
             "epoch_seconds": time.perf_counter() - t_epoch,
             "padded_fraction": 0.0,
             "data_fraction": 0.0,
+            "tokenise_fraction": 0.0,
         }, finished=True)
 
     def _logits(self, cells: np.ndarray) -> torch.Tensor:
@@ -199,12 +186,8 @@ class LogisticRegressionBaseline(EpochRunner):
         return {
             "format": BASELINE_FORMAT,
             "kind": "logistic_regression",
-            "epoch": self.epoch,
+            **self._progress_state(),
             "model": self.model_state(),
-            "early_stopping": self.stopper.state_dict(),
-            "best_model": self.best_state,
-            "history": self.history,
-            "class_names": self.class_names,
             "n_genes": self.data.n_genes,
         }
 
@@ -221,16 +204,4 @@ class LogisticRegressionBaseline(EpochRunner):
                 "resume with the same data config"
             )
         self.load_model_state(state["model"])
-        self.stopper.load_state_dict(state["early_stopping"])
-        self.best_state = state["best_model"]
-        self.history = list(state["history"])
-        self.epoch = state["epoch"]
-        self._test_result = None
-
-
-def run_baseline(data: PreparedData, cfg: BaselineConfig, run_dir: str | os.PathLike, *,
-                 device: torch.device | str | None = None) -> tuple[list[dict], dict]:
-    """Fit the baseline and score test: returns (epoch history, test result)."""
-    baseline = LogisticRegressionBaseline(data, cfg, run_dir, device=device)
-    history = baseline.fit()
-    return history, baseline.test()
+        self._load_progress(state)

@@ -54,8 +54,15 @@ class TrainerConfig:
     gradient L2 norm (0 = no clipping). ``bucket_by_length`` sorts each chunk of
     ``bucket_batches`` shuffled batches by the cells' number of expressed genes, so batches
     hold sentences of similar length and carry less padding. ``num_workers`` > 0 tokenises on
-    the CPU in DataLoader workers (pinned memory, non-blocking copies); 0 tokenises on the
-    training device in the main process. ``device``: ``auto`` (CUDA when available, else
+    the CPU in DataLoader worker processes (pinned memory, non-blocking copies). With
+    ``num_workers`` 0, ``prefetch`` (default true) tokenises the next batch in a background
+    thread of the training process while the current one trains (on the CPU, with pinned
+    memory and non-blocking copies when training runs on CUDA), one batch ahead, so the step
+    does not wait for its data; ``prefetch: false`` tokenises each batch inside the step, on
+    the training device. Every mode trains on the same sentences in the same order with the
+    same dropout masks: tokbench's tokenizers draw from ``(seed, epoch, cell)`` streams, never
+    from the global torch or numpy generators (which the dropout masks use); a tokenizer of
+    one's own that drew from them would need ``prefetch: false``. ``device``: ``auto`` (CUDA when available, else
     CPU), ``cpu``, ``cuda``, ``cuda:1``, ... ``amp``: ``auto`` = bf16 autocast on a CUDA
     device that supports it, ``bf16`` = require it, ``off`` = float32.
     """
@@ -72,6 +79,7 @@ class TrainerConfig:
     bucket_by_length: bool = False
     bucket_batches: int = 50
     num_workers: int = 0
+    prefetch: bool = True
     device: str = "auto"
     seed: int = 0
     amp: str = "auto"
@@ -112,11 +120,17 @@ def _check_device(value: str, key: str) -> None:
         raise TokbenchError(f"{key}: {value!r} is not a torch device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from err
 
 
+def _check_bool(value, key: str) -> None:
+    if not isinstance(value, bool):
+        raise TokbenchError(f"{key}: expected true or false, got {value!r}")
+
+
 def _check_stopping(cfg, key: str) -> None:
     check_range(cfg.batch_size, f"{key}.batch_size", low=1, integer=True)
     if cfg.eval_batch_size is not None:
         check_range(cfg.eval_batch_size, f"{key}.eval_batch_size", low=1, integer=True)
     check_range(cfg.max_epochs, f"{key}.max_epochs", low=1, integer=True)
+    _check_bool(cfg.early_stopping, f"{key}.early_stopping")
     check_range(cfg.patience, f"{key}.patience", low=1, integer=True)
     check_range(cfg.min_epochs, f"{key}.min_epochs", low=1, integer=True)
     check_range(cfg.min_delta, f"{key}.min_delta", low=0.0)
@@ -147,8 +161,10 @@ def validate_trainer_config(cfg: TrainerConfig, key: str = "trainer") -> None:
     """Check a ``TrainerConfig``; raise ``TokbenchError`` naming the key path."""
     _check_stopping(cfg, key)
     check_range(cfg.grad_clip, f"{key}.grad_clip", low=0.0)
+    _check_bool(cfg.bucket_by_length, f"{key}.bucket_by_length")
     check_range(cfg.bucket_batches, f"{key}.bucket_batches", low=1, integer=True)
     check_range(cfg.num_workers, f"{key}.num_workers", low=0, integer=True)
+    _check_bool(cfg.prefetch, f"{key}.prefetch")
     check_choice(cfg.amp, AMP_MODES, f"{key}.amp")
 
 

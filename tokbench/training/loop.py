@@ -17,20 +17,22 @@ import math
 import os
 import random
 import time
-import uuid
-from contextlib import nullcontext
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing, nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 from torch import nn
 from torch.utils.data import DataLoader
 
 from tokbench.data.prepared import PreparedData
 from tokbench.errors import TokbenchError
+from tokbench.fileio import atomic_path
 from tokbench.model.config import ModelConfig, validate_model_config
 from tokbench.model.transformer import CellClassifier
 from tokbench.tokenizers.base import CellSentences, Tokenizer
@@ -57,6 +59,12 @@ _SHUFFLE_STREAM, _DROPOUT_STREAM = 1, 2
 EVAL_EPOCH = 0
 
 BatchCallback = Callable[[int, int, float], None]
+
+# Name prefix of the thread that tokenises the next batch (``trainer.prefetch``).
+PREFETCH_THREAD = "tokbench-prefetch"
+
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
 
 
 # ----------------------------------------------------------------------------------------
@@ -92,7 +100,7 @@ def epoch_batches(cells: np.ndarray, batch_size: int, seed: int, epoch: int,
 
 
 class EarlyStopping:
-    """Tracks the best validation value of one metric (higher is better) and the patience.
+    """Tracks the best validation value of the tracked metric (higher is better) and the patience.
 
     ``update`` returns True when the epoch is the new best: the first epoch always is; later
     ones must beat the best by more than ``min_delta``. ``should_stop`` becomes True once
@@ -101,17 +109,15 @@ class EarlyStopping:
     predicts one class scores MCC 0 epoch after epoch), which is no reason to stop.
     """
 
-    def __init__(self, metric: str, patience: int, min_delta: float = 0.0, enabled: bool = True,
-                 min_epochs: int = 1):
-        self.metric, self.patience, self.min_delta, self.enabled = metric, patience, min_delta, enabled
-        self.min_epochs = min_epochs
+    def __init__(self, patience: int, min_delta: float = 0.0, enabled: bool = True, min_epochs: int = 1):
+        self.patience, self.min_delta, self.enabled, self.min_epochs = patience, min_delta, enabled, min_epochs
         self.best_value = -math.inf
         self.best_epoch = 0
         self.bad_epochs = 0
         self.last_epoch = 0
 
     def update(self, epoch: int, value: float) -> bool:
-        """Record ``value`` of ``metric`` for ``epoch`` (1-based); True if it is the new best."""
+        """Record the metric's ``value`` for ``epoch`` (1-based); True if it is the new best."""
         self.last_epoch = epoch
         score = value if value == value else -math.inf  # NaN never counts as an improvement
         if self.best_epoch == 0 or score > self.best_value + self.min_delta:
@@ -186,20 +192,10 @@ def test_result(scores: dict, class_names: list[str], stopper: EarlyStopping, tr
 
 
 def atomic_save(obj: object, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``.
-
-    A crash mid-write leaves the previous checkpoint intact and no partial file behind.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``torch.save`` ``obj`` to ``path`` atomically (:func:`tokbench.fileio.atomic_path`):
+    a crash mid-write leaves the previous checkpoint intact and no partial file behind."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint_file(directory: Path) -> dict:
@@ -278,24 +274,105 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig,
 
 
 # ----------------------------------------------------------------------------------------
-# The trainer
+# Batches
 
 
 class _TokeniseBatch:
-    """DataLoader ``collate_fn``: row indices → (CellSentences, labels) on the CPU, in a worker."""
+    """Row indices → (CellSentences, labels, seconds spent tokenising) on the CPU: the
+    ``collate_fn`` of the DataLoader workers and the job of the prefetch thread. ``pin``
+    puts the tensors in pinned memory, for non-blocking copies to a CUDA device."""
 
-    def __init__(self, tokenizer: Tokenizer, labels: np.ndarray, epoch: int):
-        self.tokenizer, self.labels, self.epoch = tokenizer, labels, epoch
+    def __init__(self, tokenizer: Tokenizer, labels: np.ndarray, epoch: int, pin: bool = False):
+        self.tokenizer, self.labels, self.epoch, self.pin = tokenizer, labels, epoch, pin
 
-    def __call__(self, cells: np.ndarray) -> tuple[CellSentences, torch.Tensor]:
-        return self.tokenizer.sentences(cells, self.epoch, "cpu"), torch.from_numpy(self.labels[cells])
+    def __call__(self, cells: np.ndarray) -> tuple[CellSentences, torch.Tensor, float]:
+        start = time.perf_counter()
+        sentences, labels = self.tokenizer.sentences(cells, self.epoch, "cpu"), torch.from_numpy(self.labels[cells])
+        if self.pin:
+            sentences, labels = sentences.pin_memory(), labels.pin_memory()
+        return sentences, labels, time.perf_counter() - start
+
+
+def one_intra_op_thread() -> None:
+    """Run the calling thread's torch CPU operations on that thread alone (its own OpenMP team
+    size; other threads keep theirs).
+
+    For the prefetch thread: a second OpenMP team beside the training step's, both spinning at
+    their barriers, oversubscribes the cores: on 2 cores it slowed the median training step by
+    about 7% (338 against 316 ms) for tokenisation worth 0.1% of it. Torch sizes a thread's
+    team on its first parallel call, so that happens first, then the OpenMP limit (through
+    ``threadpoolctl``, which leaves BLAS alone).
+    """
+    torch.get_num_threads()
+    threadpool_limits(1, user_api="openmp")
+
+
+def prefetched(items: Sequence[_Item], make: Callable[[_Item], _Result],
+               initializer: Optional[Callable[[], None]] = None) -> Iterator[_Result]:
+    """``make(item)`` for each of ``items``, in order, each made in a background thread while
+    the caller works on the previous result: one item ahead, never more.
+
+    ``make`` runs in a thread whose name starts with ``PREFETCH_THREAD``; it must not draw
+    from the global torch, numpy or Python generators, which the caller's work may use. An
+    exception raised by ``make`` is raised here, in the caller, with the thread's frames in
+    its traceback. The thread ends when the items run out, when an exception leaves this
+    generator, and when the caller closes it early (``contextlib.closing``); stopping waits
+    for the item in progress. ``initializer`` runs first in the thread (e.g.
+    :func:`one_intra_op_thread`).
+    """
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=PREFETCH_THREAD, initializer=initializer)
+    try:
+        pending: Optional[Future] = pool.submit(make, items[0]) if len(items) else None
+        for i in range(len(items)):
+            result = pending.result()
+            # The next item is made while the caller works on this one.
+            pending = pool.submit(make, items[i + 1]) if i + 1 < len(items) else None
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------------------
+# The trainer
 
 
 class EpochRunner:
-    """What the transformer loop and the baseline share: ``fit``, the best-weights ``test``,
-    and checkpoint files. Subclasses provide ``step``, ``_evaluate``, ``state_dict`` and
-    ``load_state_dict`` and the attributes ``history``, ``best_state``, ``model``,
-    ``test_cells``, ``class_names``, ``stopper``, ``cfg``, ``run_dir``, ``_test_result``."""
+    """What the transformer loop and the baseline share: the splits and labels, ``fit``, the
+    best-weights ``test``, the step guards, early-stopping bookkeeping and checkpoint files.
+
+    Subclasses call ``super().__init__`` and provide ``step`` (starting with
+    ``_check_can_step``, ending with ``_finish_epoch``), ``_evaluate``, ``model_state`` /
+    ``load_model_state`` (the defaults read and write ``self.model``), and ``state_dict`` /
+    ``load_state_dict`` built on ``_progress_state`` / ``_load_progress``.
+    """
+
+    def __init__(self, data: PreparedData, cfg, run_dir: str | os.PathLike, *, device: torch.device,
+                 on_batch: Optional[BatchCallback], stopper: EarlyStopping):
+        """``cfg``: the subclass's validated config (``track_metric``, ``max_epochs``, ...).
+
+        Raises ``TokbenchError`` (see :func:`check_splits`) when the splits cannot train a
+        classifier, before anything is built.
+        """
+        self.train_cells, self.val_cells, self.test_cells = check_splits(data)
+        self.data, self.cfg = data, cfg
+        self.run_dir = Path(run_dir).resolve()
+        self.device = device
+        self.on_batch = on_batch
+        self.class_names = list(data.class_names)
+        self.labels = np.asarray(data.labels, dtype=np.int64)
+        self.stopper = stopper
+        self.epoch = 0  # epochs completed
+        self.history: list[dict] = []
+        self.best_state: Optional[dict] = None
+        self._test_result: Optional[dict] = None
+
+    def _check_can_step(self, epochs: int, when_done: str) -> None:
+        """Refuse another ``step()`` once ``test()`` has run, or once ``epochs`` epochs are
+        done (``TokbenchError`` saying ``when_done``)."""
+        if self._test_result is not None:
+            raise TokbenchError("the test split has been scored already; training cannot continue after test()")
+        if self.epoch >= epochs:
+            raise TokbenchError(when_done)
 
     def _finish_epoch(self, val: dict, train_loss: float, speed: dict, finished: bool = False) -> dict:
         """Count the epoch, update early stopping (keeping the best weights) and return the
@@ -375,6 +452,27 @@ class EpochRunner:
         """
         return test_result(self._evaluate(self.test_cells), self.class_names, self.stopper, self.cfg.track_metric)
 
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def _progress_state(self) -> dict:
+        """The checkpoint entries every runner writes: ``epoch``, ``early_stopping``,
+        ``best_model``, ``history``, ``class_names``."""
+        return {
+            "epoch": self.epoch,
+            "early_stopping": self.stopper.state_dict(),
+            "best_model": self.best_state,
+            "history": self.history,
+            "class_names": self.class_names,
+        }
+
+    def _load_progress(self, state: dict) -> None:
+        """Restore what ``_progress_state`` wrote (after the subclass checked ``state``)."""
+        self.stopper.load_state_dict(state["early_stopping"])
+        self.best_state = state["best_model"]
+        self.history = list(state["history"])
+        self.epoch = state["epoch"]
+        self._test_result = None
+
     def save_checkpoint(self, directory: str | os.PathLike | None = None) -> Path:
         """Write ``state_dict()`` atomically to ``directory/trainer.pt`` (default: ``run_dir``); return the path."""
         path = Path(directory if directory is not None else self.run_dir) / CHECKPOINT_FILE
@@ -407,15 +505,12 @@ class AnnotationTrainer(EpochRunner):
         validate_optimizer_config(optim_cfg)
         validate_scheduler_config(sched_cfg)
         validate_trainer_config(trainer_cfg)
-        self.train_cells, self.val_cells, self.test_cells = check_splits(data)
-        self.data, self.tokenizer, self.cfg = data, tokenizer, trainer_cfg
-        self.run_dir = Path(run_dir).resolve()
-        self.device = resolve_device(device if device is not None else trainer_cfg.device)
+        stopper = EarlyStopping(trainer_cfg.patience, trainer_cfg.min_delta, trainer_cfg.early_stopping,
+                                trainer_cfg.min_epochs)
+        super().__init__(data, trainer_cfg, run_dir, on_batch=on_batch, stopper=stopper,
+                         device=resolve_device(device if device is not None else trainer_cfg.device))
+        self.tokenizer = tokenizer
         self.use_amp = resolve_amp(trainer_cfg.amp, self.device)
-        self.on_batch = on_batch
-
-        self.class_names = list(data.class_names)
-        self.labels = np.asarray(data.labels, dtype=np.int64)
         # Expressed genes per cell: the sentence length before truncation/sampling, used to
         # group cells of similar length and to order evaluation batches.
         self.cell_lengths = np.diff(np.asarray(data.indptr))
@@ -426,33 +521,38 @@ class AnnotationTrainer(EpochRunner):
         self.steps_per_epoch = math.ceil(len(self.train_cells) / trainer_cfg.batch_size)
         self.scheduler = build_scheduler(self.optimizer, sched_cfg, trainer_cfg.max_epochs * self.steps_per_epoch)
 
-        self.epoch = 0  # epochs completed
-        self.stopper = EarlyStopping(trainer_cfg.track_metric, trainer_cfg.patience,
-                                     trainer_cfg.min_delta, trainer_cfg.early_stopping, trainer_cfg.min_epochs)
-        self.best_state: Optional[dict[str, torch.Tensor]] = None
-        self.history: list[dict] = []
-        self._test_result: Optional[dict] = None
-
     # -- batches -------------------------------------------------------------------------
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_amp else nullcontext()
 
     def _sentence_batches(self, batches: list[np.ndarray],
-                          epoch: int) -> Iterator[tuple[CellSentences, torch.Tensor]]:
-        """Yield (sentences, labels) on the training device for each batch of row indices."""
-        if self.cfg.num_workers == 0:
+                          epoch: int) -> Iterator[tuple[CellSentences, torch.Tensor, float]]:
+        """Yield (sentences, labels, seconds spent tokenising them) on the training device for
+        each batch of row indices: tokenised in loader workers (``num_workers`` > 0), in the
+        prefetch thread one batch ahead (``prefetch``), or here, on the training device.
+        Close the generator when leaving early (it may own a thread)."""
+        cuda = self.device.type == "cuda"
+        if self.cfg.num_workers > 0:
+            # A private generator: the loader draws worker seeds from it, and drawing them from
+            # the global RNG would shift this epoch's dropout masks away from the other modes.
+            loader = DataLoader(batches, batch_size=None, shuffle=False, num_workers=self.cfg.num_workers,
+                                collate_fn=_TokeniseBatch(self.tokenizer, self.labels, epoch),
+                                pin_memory=cuda, generator=torch.Generator())
+            for sentences, labels, seconds in loader:
+                yield sentences.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), seconds
+        elif self.cfg.prefetch:
+            # The thread tokenises on the CPU (the compiled kernel runs without the GIL) while
+            # this thread trains; the copy to a GPU is queued here, behind the running step.
+            make = _TokeniseBatch(self.tokenizer, self.labels, epoch, cuda)
+            for sentences, labels, seconds in prefetched(batches, make, one_intra_op_thread):
+                yield sentences.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), seconds
+        else:
             for cells in batches:
-                labels = torch.from_numpy(self.labels[cells]).to(self.device, non_blocking=True)
-                yield self.tokenizer.sentences(cells, epoch, self.device), labels
-            return
-        # A private generator: the loader draws worker seeds from it, and drawing them from the
-        # global RNG would shift this epoch's dropout masks away from the num_workers=0 run.
-        loader = DataLoader(batches, batch_size=None, shuffle=False, num_workers=self.cfg.num_workers,
-                            collate_fn=_TokeniseBatch(self.tokenizer, self.labels, epoch),
-                            pin_memory=self.device.type == "cuda", generator=torch.Generator())
-        for sentences, labels in loader:
-            yield sentences.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+                start = time.perf_counter()
+                sentences = self.tokenizer.sentences(cells, epoch, self.device)
+                seconds = time.perf_counter() - start
+                yield sentences, torch.from_numpy(self.labels[cells]).to(self.device, non_blocking=True), seconds
 
     # -- one epoch -----------------------------------------------------------------------
 
@@ -466,14 +566,15 @@ class AnnotationTrainer(EpochRunner):
         last step), ``cells_per_second`` and ``tokens_per_second`` (training only; tokens are
         non-pad positions), ``train_seconds``, ``epoch_seconds`` (training + validation),
         ``padded_fraction`` (pad share of all training positions), ``data_fraction`` (share of
-        training time spent building/tokenising batches; on CUDA approximate, as steps are
-        not synchronised), ``best_val_<track_metric>``, ``best_epoch``, ``should_stop``.
+        training time the loop waited for its next batch: the whole tokenisation when it runs
+        inside the step, only what the prefetch thread or the loader workers did not hide
+        otherwise; on CUDA approximate, as steps are not synchronised), ``tokenise_fraction``
+        (time spent tokenising the training batches, wherever it ran, as a share of training
+        time; in the background it overlaps training), ``best_val_<track_metric>``,
+        ``best_epoch``, ``should_stop``.
         """
-        if self._test_result is not None:
-            raise TokbenchError("the test split has been scored already; training cannot continue after test()")
-        if self.epoch >= self.cfg.max_epochs:
-            raise TokbenchError(f"trainer.max_epochs: all {self.cfg.max_epochs} epochs are done")
         cfg, device, model = self.cfg, self.device, self.model
+        self._check_can_step(cfg.max_epochs, f"trainer.max_epochs: all {cfg.max_epochs} epochs are done")
         epoch_index = self.epoch  # 0-based: what the tokenizer and the random streams see
         t_epoch = time.perf_counter()
 
@@ -485,31 +586,33 @@ class AnnotationTrainer(EpochRunner):
         # Running sums stay on the device: reading them every step would stall a GPU.
         loss_sum = torch.zeros((), device=device)
         pad_tokens = torch.zeros((), dtype=torch.long, device=device)
-        all_tokens, n_done, data_seconds, lr = 0, 0, 0.0, 0.0
+        all_tokens, n_done, data_seconds, tokenise_seconds, lr = 0, 0, 0.0, 0.0, 0.0
 
         model.train()
         t_train = t0 = time.perf_counter()
-        for sentences, labels in self._sentence_batches(batches, epoch_index):
-            t1 = time.perf_counter()
-            with self._autocast():
-                logits = model(sentences)
-            loss = F.cross_entropy(logits.float(), labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.optimizer.step()
-            self.scheduler.step()
+        with closing(self._sentence_batches(batches, epoch_index)) as stream:
+            for sentences, labels, seconds in stream:
+                t1 = time.perf_counter()
+                with self._autocast():
+                    logits = model(sentences)
+                loss = F.cross_entropy(logits.float(), labels)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.optimizer.step()
+                self.scheduler.step()
 
-            n_done += len(labels)
-            loss_sum += loss.detach() * len(labels)
-            pad_tokens += sentences.padding_mask.sum()
-            all_tokens += sentences.padding_mask.numel()
-            data_seconds += t1 - t0
-            t0 = time.perf_counter()
-            if self.on_batch is not None:
-                self.on_batch(n_done, n_total, n_done / max(t0 - t_train, 1e-9))
+                n_done += len(labels)
+                loss_sum += loss.detach() * len(labels)
+                pad_tokens += sentences.padding_mask.sum()
+                all_tokens += sentences.padding_mask.numel()
+                data_seconds += t1 - t0
+                tokenise_seconds += seconds
+                t0 = time.perf_counter()
+                if self.on_batch is not None:
+                    self.on_batch(n_done, n_total, n_done / max(t0 - t_train, 1e-9))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_seconds = max(time.perf_counter() - t_train, 1e-9)
@@ -524,6 +627,7 @@ class AnnotationTrainer(EpochRunner):
             "epoch_seconds": time.perf_counter() - t_epoch,
             "padded_fraction": pad / max(all_tokens, 1),
             "data_fraction": data_seconds / train_seconds,
+            "tokenise_fraction": tokenise_seconds / train_seconds,
         })
 
     @torch.inference_mode()
@@ -535,13 +639,12 @@ class AnnotationTrainer(EpochRunner):
         size = self.cfg.eval_batch_size or 4 * self.cfg.batch_size
         batches = [cells[i : i + size] for i in range(0, len(cells), size)]
         metrics = AnnotationMetrics(len(self.class_names), self.device)
-        for sentences, labels in self._sentence_batches(batches, EVAL_EPOCH):
-            with self._autocast():
-                logits = self.model(sentences)
-            metrics.update(logits, labels)
+        with closing(self._sentence_batches(batches, EVAL_EPOCH)) as stream:
+            for sentences, labels, _ in stream:
+                with self._autocast():
+                    logits = self.model(sentences)
+                metrics.update(logits, labels)
         return metrics.compute()
-
-    # -- test ----------------------------------------------------------------------------
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -550,15 +653,11 @@ class AnnotationTrainer(EpochRunner):
         states, epochs done, early-stopping state, best weights and the metric history."""
         return {
             "format": CHECKPOINT_FORMAT,
-            "epoch": self.epoch,
+            **self._progress_state(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "early_stopping": self.stopper.state_dict(),
-            "best_model": self.best_state,
-            "history": self.history,
             "rng": rng_state(),
-            "class_names": self.class_names,
             "steps_per_epoch": self.steps_per_epoch,
         }
 
@@ -581,9 +680,5 @@ class AnnotationTrainer(EpochRunner):
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.stopper.load_state_dict(state["early_stopping"])
-        self.best_state = state["best_model"]
-        self.history = list(state["history"])
-        self.epoch = state["epoch"]
-        self._test_result = None
+        self._load_progress(state)
         set_rng_state(state["rng"])
