@@ -76,6 +76,9 @@ def user_module(tmp_path_factory) -> Path:
     sys.path.insert(0, str(folder))
     yield folder
     sys.path.remove(str(folder))
+    for name in ("test_user_parts", "my_tokenizers"):  # the registry is the process's: leave it as found
+        registry.forget_module(name)
+        sys.modules.pop(name, None)
 
 
 # -- the registry --------------------------------------------------------------------------
@@ -294,13 +297,24 @@ def cluster():
     c.shutdown()
 
 
+@pytest.fixture
+def forget_my_tokenizers():
+    """After the test: the tutorial's module out of the registry, sys.modules and sys.path."""
+    path = list(sys.path)
+    yield
+    registry.forget_module("my_tokenizers")
+    sys.modules.pop("my_tokenizers", None)
+    sys.path[:] = path
+
+
 def state_dir(tmp_path: Path) -> Path:
     return next(p for p in (tmp_path / "results").iterdir() if p.is_dir())
 
 
 @pytest.mark.slow
 def test_the_tutorial_sweep_runs_on_a_cluster_whose_workers_get_the_module_from_ray(cluster, tiny_atlas, tmp_path,
-                                                                                    capfd, monkeypatch):
+                                                                                    capfd, monkeypatch,
+                                                                                    forget_my_tokenizers):
     import ray
 
     from tokbench.sweep.launch import run_sweep

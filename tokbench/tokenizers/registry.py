@@ -117,6 +117,18 @@ def _check_params_class(cls: type[Component], where: str) -> None:
         raise TypeError(f"{where}: a selection's Params need a `size` field (L, the most genes per sentence)")
 
 
+def forget_module(module_name: str) -> list[str]:
+    """Drop the components that module ``module_name`` registered (before importing a changed
+    version of it, or after a test); return their names."""
+    dropped = []
+    for kind in KINDS:
+        for name, cls in list(_REGISTRY[kind].items()):
+            if cls.__module__ == module_name:
+                del _REGISTRY[kind][name]
+                dropped.append(name)
+    return dropped
+
+
 def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 

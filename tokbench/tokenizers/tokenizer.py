@@ -235,8 +235,9 @@ def catalogue(plugins: tuple[str, ...] = ()) -> str:
         lines.append(titles[kind])
         for name, part in registry.registered(kind).items():
             params = ", ".join(f"{k}={shown(d)}" for k, d, _ in registry.param_help(part))
-            origin = "" if part.__module__.startswith("tokbench.") else f"  ({part.__module__})"
-            line = f"    {name:<16}{part.description}{origin}"
+            if not part.__module__.startswith("tokbench."):
+                params = f"from {part.__module__}" + (f"; {params}" if params else "")
+            line = f"    {name:<16}{part.description}"
             if params and len(line) + len(params) + 4 > 100:
                 lines.append(line)
                 lines += textwrap.wrap(f"[{params}]", 100, initial_indent=" " * 20, subsequent_indent=" " * 21)
