@@ -13,7 +13,9 @@
 #   scripts/cluster.sh status
 #   scripts/cluster.sh down
 #
-# `up` prints the addresses and the exact lines to submit a sweep and follow it.
+# `up` prints the addresses and the exact lines to submit a sweep and follow it. It fails,
+# saying what to fix, on a taken port, a missing PostgreSQL, or an MLflow server that exits
+# while starting (at once, with the last lines of its log, not after the 120 s wait).
 #
 # Environment (flags win):
 #   TOKBENCH_CLUSTER_DIR          state: token, ports, logs, the MLflow database and artifacts,
@@ -91,6 +93,24 @@ def cluster_pids(cluster_id, temp_dir, extra_sids):
         grew = bool(children)
     return ours - {os.getpid(), os.getppid(), 1}
 
+def mlflow_gone(pid):
+    """True when the `mlflow server` process ``pid`` has exited, or a process it started has:
+    it reaps its server subprocess (uvicorn) only when it ends itself, so a server that
+    could not start (a port taken, a bad store) lingers as its zombie child while the parent
+    lives on."""
+    if not alive(pid):
+        return True
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] == "Z":
+            return True
+    return False
+
 def main(cmd, *args):
     if cmd == "taken":  # ports that cannot be bound on loopback now
         for port in args:
@@ -131,11 +151,21 @@ def main(cmd, *args):
         if survivors:
             print(" ".join(map(str, sorted(survivors))))
             sys.exit(1)
-    elif cmd == "wait":  # until the job server sees n alive nodes and MLflow answers
-        dashboard, token_file, n_nodes, mlflow, timeout_s = args
+    elif cmd == "exited":  # exit 0 when the MLflow server (pid) is gone, 1 while it runs
+        # Seen twice, half a second apart: a short-lived helper process it runs is a zombie
+        # for an instant before it is reaped.
+        gone = mlflow_gone(int(args[0]))
+        if gone:
+            time.sleep(0.5)
+        sys.exit(0 if gone and mlflow_gone(int(args[0])) else 1)
+    elif cmd == "wait":  # until the job server sees n alive nodes and MLflow answers; 3: MLflow died
+        dashboard, token_file, n_nodes, mlflow, timeout_s, mlflow_pid = args
         token = open(token_file).read().strip()
-        deadline, nodes, mlflow_ok = time.monotonic() + float(timeout_s), 0, False
+        deadline, nodes, mlflow_ok, gone_seen = time.monotonic() + float(timeout_s), 0, False, 0
         while time.monotonic() < deadline:
+            gone_seen = gone_seen + 1 if mlflow_gone(int(mlflow_pid)) else 0
+            if gone_seen >= 2:
+                sys.exit(3)
             try:
                 request = urllib.request.Request(f"{dashboard}/nodes?view=summary", headers={"Authorization": f"Bearer {token}"})
                 with urllib.request.urlopen(request, timeout=5) as response:
@@ -250,6 +280,21 @@ start_postgres() {
     "${psql[@]}" --command "CREATE DATABASE mlflow" >/dev/null 2>>"$logs/postgres.log" ||
       die "cannot create the mlflow database; see $logs/postgres.log"
   fi
+}
+
+# The MLflow server died while `up` waited for it (from cmd_up, whose locals it reads): the
+# last lines of its log and what to do, instead of waiting out the timeout.
+mlflow_died() {
+  local log=$logs/mlflow.log hint="fix what they name and run \`scripts/cluster.sh up\` again"
+  if grep -q "address already in use" "$log" 2>/dev/null; then
+    hint="port $mlflow_port was taken by another process after \`up\` checked it; pick another with --mlflow-port or TOKBENCH_MLFLOW_PORT"
+  elif grep -q "^ModuleNotFoundError" "$log" 2>/dev/null; then
+    hint="$bin/python lacks a module the backend store $store_uri needs (PostgreSQL: \`$bin/python -m pip install psycopg2-binary==2.9.11\`); install it and run \`scripts/cluster.sh up\` again"
+  elif grep -q "file is not a database" "$log" 2>/dev/null; then
+    hint="$state/mlflow.db is not an SQLite database; move it away (MLflow then starts an empty one) or set TOKBENCH_CLUSTER_DIR to another state folder"
+  fi
+  die "the MLflow server (backend store $store_uri, port $mlflow_port) exited while starting; $hint. The last lines of $log:
+$(tail -n 6 "$log" | cut -c 1-400 | sed 's/^/  /')"
 }
 
 # Where the recorded cluster's MLflow keeps its runs, in words.
@@ -431,6 +476,9 @@ EOF
     --ray-client-server-port "$client_port" --temp-dir "$RAY_TEMP/head" "${args[@]}" \
     </dev/null >"$logs/ray-head.log" 2>&1 ||
     die "the Ray head did not start: $(tail -n 3 "$logs/ray-head.log")"
+  # MLflow has been starting meanwhile; one that failed at once (a bad store, a missing
+  # driver) is reported before the workers start.
+  ! helper exited "$MLFLOW_SID" || mlflow_died
 
   # Workers join in parallel; each its own temp dir, so nodes never share (and clean up)
   # each other's job working directories.
@@ -445,8 +493,10 @@ EOF
   for i in "${!pids[@]}"; do
     wait "${pids[$i]}" || die "Ray worker $((i + 1)) did not start; see $logs/ray-worker$((i + 1)).log"
   done
-  helper wait "$dashboard" "$token_file" "$((workers + 1))" "$mlflow_uri" 120 ||
-    die "the cluster did not come up"
+  local waited=0
+  helper wait "$dashboard" "$token_file" "$((workers + 1))" "$mlflow_uri" 120 "$MLFLOW_SID" || waited=$?
+  ((waited != 3)) || mlflow_died
+  ((waited == 0)) || die "the cluster did not come up"
   up_done=true
 
   cat <<EOF

@@ -238,6 +238,39 @@ def test_up_with_a_taken_port_names_it_and_starts_nothing(tmp_path):
     assert port_free(ray_port) and port_free(dashboard_port)
 
 
+def test_an_mlflow_server_that_dies_at_start_fails_up_at_once_with_its_log(tmp_path):
+    """A backend store MLflow cannot open: `up` reports the dead server as soon as it has
+    died (not after its 120 s wait), with the log's last lines and the fix, and leaves
+    nothing running."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "mlflow.db").write_text("not a database\n")
+    ports = free_ports(3)
+    before = set(Path("/tmp").glob("tokbench-ray-*"))
+    started = time.monotonic()
+    result = cluster_sh(base_env(state), "up", "--workers", "1", *[w for p, f in zip(ports, ("--ray-port", "--dashboard-port", "--mlflow-port")) for w in (f, str(p))], timeout=120)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: the MLflow server (backend store sqlite:///{state / 'mlflow.db'}, port {ports[2]}) "
+                                    "exited while starting; ")
+    assert f"{state / 'mlflow.db'} is not an SQLite database; move it away" in result.stderr
+    assert f"The last lines of {state / 'logs' / 'mlflow.log'}:" in result.stderr
+    assert "file is not a database" in result.stderr
+    # The Ray head's start-up and the clean-up, not the wait's timeout.
+    assert elapsed < 60, f"up took {elapsed:.0f} s to notice"
+    assert not (state / "cluster.env").exists()
+    assert set(Path("/tmp").glob("tokbench-ray-*")) == before
+    assert all(port_free(port) for port in ports)
+    assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and str(state).encode() in _cmdline(pid)]
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone meanwhile
+        return b""
+
+
 def test_down_with_nothing_running_says_so(tmp_path):
     result = cluster_sh(base_env(tmp_path / "state"), "down", timeout=60)
     assert result.returncode == 0

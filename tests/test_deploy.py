@@ -307,6 +307,25 @@ def test_the_postgres_driver_is_one_version_in_image_constraints_and_dev_extras(
     assert driver.specifier.contains(pins["psycopg2-binary"])
 
 
+def test_regenerating_the_constraints_keeps_every_package_the_images_pin():
+    """docker/pin_constraints.py pins the PostgreSQL driver with the runtime closure: the
+    regenerated file names the same packages as the committed one (versions may have moved
+    on in this environment), psycopg2-binary among them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pin_constraints", DOCKER / "pin_constraints.py")
+    pin_constraints = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pin_constraints)
+    generated = pin_constraints.image_pins()
+    assert "psycopg2-binary" in generated and "sqlalchemy" in generated
+    assert "psycopg2-binary" not in pin_constraints.runtime_closure()  # only a dev extra of tokbench
+    committed = {line.split("==")[0] for line in (DOCKER / "constraints.txt").read_text().splitlines()
+                 if line and not line.startswith("#")}
+    assert set(generated) == committed, (
+        f"docker/constraints.txt is stale (only there: {sorted(committed - set(generated))}; only generated: "
+        f"{sorted(set(generated) - committed)}): .venv/bin/python docker/pin_constraints.py > docker/constraints.txt")
+
+
 # --- KubeRay -----------------------------------------------------------------------------
 
 
@@ -467,3 +486,44 @@ def test_an_empty_storage_path_means_tokbench_storage_path_then_ray_results_in_t
     sweep.spec.storage_path = str(tmp_path / "own")
     assert storage_root(sweep) == tmp_path / "own"
 
+
+
+# --- Installing PostgreSQL ---------------------------------------------------------------
+
+
+def _install_postgres(tmp_path: Path, lib: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    """scripts/install_postgres.sh with stand-ins for sudo and apt-get; the apt-get stand-in
+    records its arguments and the createcluster.d drop-ins it finds at install time."""
+    stubs, etc, record = tmp_path / "stubs", tmp_path / "etc-postgresql-common", tmp_path / "apt.log"
+    stubs.mkdir()
+    (stubs / "sudo").write_text('#!/bin/sh\nexec "$@"\n')
+    (stubs / "apt-get").write_text(
+        f'#!/bin/sh\necho "apt-get $* DEBIAN_FRONTEND=$DEBIAN_FRONTEND" >> {record}\n'
+        f'[ "$1" = install ] && cat {etc}/createcluster.d/*.conf >> {record}\nexit 0\n')
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    env = {"PATH": f"{stubs}:{os.environ['PATH']}", "POSTGRES_LIB_DIR": str(lib), "POSTGRES_COMMON_ETC": str(etc)}
+    result = subprocess.run(["bash", str(REPO / "scripts" / "install_postgres.sh")], env=env, capture_output=True,
+                            text=True, timeout=60)
+    return result, etc
+
+
+def test_installing_postgres_creates_no_default_cluster_and_leaves_no_setting_behind(tmp_path):
+    result, etc = _install_postgres(tmp_path, tmp_path / "no-postgres")
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "apt.log").read_text()
+    assert "apt-get update -q" in log
+    install = next(line for line in log.splitlines() if line.startswith("apt-get install"))
+    assert install.endswith("postgresql DEBIAN_FRONTEND=noninteractive") and "--force-confold" in install
+    # Debian's postinst reads create_main_cluster through createcluster.conf's include_dir.
+    assert "create_main_cluster = false" in log
+    assert list((etc / "createcluster.d").iterdir()) == []  # removed after the install
+
+
+def test_installing_postgres_where_a_server_exists_touches_nothing(tmp_path):
+    server = tmp_path / "lib" / "15" / "bin" / "postgres"
+    server.parent.mkdir(parents=True)
+    server.write_text("")
+    result, etc = _install_postgres(tmp_path, tmp_path / "lib")
+    assert result.returncode == 0 and result.stderr == ""
+    assert not (tmp_path / "apt.log").exists() and not etc.exists()

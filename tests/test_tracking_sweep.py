@@ -132,3 +132,23 @@ def test_a_server_that_never_comes_back_ends_the_sweep_with_a_replay_command(loc
         assert check_complete(uri, "gone", 2, 4) == {"runs": 2, "distinct_trials": 2, "finished": 2, "complete": 2, "points": 8}
     finally:
         stop_server(server)
+
+
+def test_the_load_benchmark_with_tracking_off_runs_the_driver_and_writes_nothing(local_ray, h5ad, tmp_path, monkeypatch):
+    """bench/tracking_load.py --tracking-off: the same run_sweep and callback, every record dropped."""
+    from tokbench.sweep import launch
+    from tokbench.sweep.state import SweepState
+    from tokbench.tracking import outbox
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    figures = tracking_load.run_load(tmp_path / "off", h5ad, trials=2, epochs=2, tracking_uri=uri, num_cpus=2, cpu=0.5,
+                                     name="off", tracking=False)
+    assert figures["tracking"] == "off" and figures["results"] == 4 and 0 < figures["fit_s"] <= figures["wall_s"]
+    # The driver's own bookkeeping ran: every epoch of both trials is in the sweep state.
+    state = SweepState.load(tmp_path / "off" / "results" / "off")
+    assert sorted(t["epochs"] for t in state.doc["trials"].values()) == [2, 2]
+    assert not outbox.outbox_path(tmp_path / "off" / "results" / "off").exists()
+    assert MlflowClient(tracking_uri=uri).get_experiment_by_name("load") is None
+    # Tracking is back for whatever runs next in this process.
+    assert launch.open_outbox is outbox.open_outbox and launch._sync_tracking.__module__ == launch.__name__
